@@ -1,0 +1,101 @@
+"""Trainable-parameter budgets, counted on the real model shape without loading a weight.
+
+The base model is built on PyTorch's ``meta`` device (shapes, no storage), the adapters are put on it exactly
+as :func:`fff_lightning.loading.build_model` does, and :func:`fff_lightning.adapters.count_parameters` counts.
+Mistral-7B's shape is known offline, so a budget takes seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from fff_lightning.adapters import count_parameters
+from fff_lightning.errors import ConfigError
+from fff_lightning.fff import FFFConfig, inject_fff
+from fff_lightning.loading import BaseModelConfig, check_adapters, model_shape
+from fff_lightning.lora import LoRAConfig, apply_lora
+
+
+@dataclass
+class Budget:
+    """Parameter counts of one run: ``fff``, ``lora``, ``trainable`` and ``base`` (the unquantised base model)."""
+
+    fff: int
+    lora: int
+    base: int
+
+    @property
+    def trainable(self) -> int:
+        return self.fff + self.lora
+
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a fraction of the base model's."""
+        return self.trainable / self.base
+
+
+def count_budget(shape, fff: FFFConfig | None, lora: LoRAConfig | None) -> Budget:
+    """Count the adapters of a run on a meta-device model of ``shape`` (a ``transformers`` config)."""
+    from transformers import AutoModelForCausalLM
+
+    check_adapters(shape, fff, lora)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape)
+    base = sum(p.numel() for p in model.parameters())
+    wrapped = inject_fff(model, fff, shape.hidden_size, shape.rms_norm_eps) if fff is not None else []
+    if lora is not None:
+        model = apply_lora(model, lora, shape.num_hidden_layers, wrapped)
+    counts = count_parameters(model)
+    return Budget(fff=counts["fff"], lora=counts["lora"], base=base)
+
+
+def run_budget(base: BaseModelConfig, fff: FFFConfig | None, lora: LoRAConfig | None) -> Budget:
+    return count_budget(model_shape(base), fff, lora)
+
+
+@dataclass
+class Match:
+    """The other side of a fair comparison: ``field`` set to ``value`` gives ``budget``, closest to ``target``."""
+
+    field: str
+    value: int
+    budget: Budget
+    target: int
+
+    @property
+    def difference(self) -> int:
+        return self.budget.trainable - self.target
+
+
+def _closest_int(f, target: int) -> int:
+    """Counts are affine in a rank or width: solve from two exact counts, then check the neighbours."""
+    c1, c2 = f(1), f(2)
+    slope, offset = c2 - c1, c1 - (c2 - c1)
+    if slope <= 0:
+        raise ConfigError("match", "the count does not grow with the matched size")
+    guess = max(1, round((target - offset) / slope))
+    return min({max(1, guess - 1), guess, guess + 1}, key=lambda v: (abs(offset + slope * v - target), v))
+
+
+def match_lora_rank(shape, target: int, lora: LoRAConfig | None = None) -> Match:
+    """The LoRA-only run (modules/layers of ``lora``, default all seven linear modules of every layer) whose
+    trainable count is closest to ``target``. Alpha keeps the research's ratio r/2 unless ``lora`` fixes it."""
+    template = lora or LoRAConfig()
+
+    def with_rank(r: int) -> LoRAConfig:
+        return replace(template, preset=None, r=r, alpha=template.alpha)
+
+    r = _closest_int(lambda r: count_budget(shape, None, with_rank(r)).trainable, target)
+    return Match("lora.r", r, count_budget(shape, None, with_rank(r)), target)
+
+
+def match_fff_width(shape, target: int, fff: FFFConfig, lora: LoRAConfig | None = None) -> Match:
+    """The uniform FFF width (other FFF fields and any LoRA as given) whose run total is closest to ``target``."""
+
+    def with_width(w: int) -> FFFConfig:
+        return replace(fff, width=w)
+
+    w = _closest_int(lambda w: count_budget(shape, with_width(w), lora).trainable, target)
+    return Match("fff.width", w, count_budget(shape, with_width(w), lora), target)

@@ -1,0 +1,116 @@
+"""``python -m fff_lightning budget``: trainable parameters of a run, and the matching other side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fff_lightning.errors import ConfigError
+
+DESCRIPTION = """\
+Print the trainable parameters of a run (per adapter, total, share of the base model) for the run's real
+model shape, without loading or downloading weights. With --match, solve the other side of a fair comparison:
+  --match lora_rank   the LoRA-only rank whose budget is closest to this run's (or to --target)
+  --match fff_width   the FFF width (this run's FFF shape and LoRA) whose budget is closest to --target
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fff_lightning budget",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", "-c", required=True, help="a run config (the same YAML `fit` takes)")
+    p.add_argument("--match", choices=["lora_rank", "fff_width"], help="solve the other side of a comparison")
+    p.add_argument(
+        "--target",
+        help="budget to match: a number of parameters or another run config (default for lora_rank: this run's)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _target(value: str | None, default: int | None) -> int:
+    from fff_lightning.budget import run_budget
+    from fff_lightning.run_config import load_model_spec
+
+    if value is None:
+        if default is None:
+            raise ConfigError("--target", "--match fff_width needs a target: a number or another run config")
+        return default
+    if value.replace("_", "").replace(",", "").isdigit():
+        return int(value.replace("_", "").replace(",", ""))
+    spec = load_model_spec(value)
+    return run_budget(spec.base, spec.fff, spec.lora).trainable
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{title}[/bold]")
+    table = Table()
+    table.add_column("")
+    table.add_column("parameters", justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    from fff_lightning.budget import match_fff_width, match_lora_rank, run_budget
+    from fff_lightning.loading import model_shape
+    from fff_lightning.run_config import load_model_spec
+
+    spec = load_model_spec(args.config)
+    budget = run_budget(spec.base, spec.fff, spec.lora)
+    shape = model_shape(spec.base)
+    result: dict = {
+        "config": args.config,
+        "model": spec.base.name_or_path if spec.base.backend != "tiny" else "tiny",
+        "fff": budget.fff,
+        "lora": budget.lora,
+        "trainable": budget.trainable,
+        "base": budget.base,
+        "share": budget.share,
+    }
+    match = None
+    if args.match == "lora_rank":
+        match = match_lora_rank(shape, _target(args.target, budget.trainable), spec.lora)
+    elif args.match == "fff_width":
+        if spec.fff is None:
+            raise ConfigError("model.fff", "--match fff_width needs a run with an fff section")
+        match = match_fff_width(shape, _target(args.target, None), spec.fff, spec.lora)
+    if match is not None:
+        result["match"] = {
+            "field": match.field,
+            "value": match.value,
+            "trainable": match.budget.trainable,
+            "target": match.target,
+            "difference": match.difference,
+        }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    fmt = "{:,}".format
+    rows = [
+        ("FFF", fmt(budget.fff)),
+        ("LoRA", fmt(budget.lora)),
+        ("trainable", fmt(budget.trainable)),
+        ("base model", fmt(budget.base)),
+        ("share of base", f"{budget.share:.3%}"),
+    ]
+    _table(f"{args.config}: {result['model']} ({shape.num_hidden_layers} layers, d={shape.hidden_size})", rows)
+    if match is not None:
+        m = match
+        _table(
+            f"--match {args.match}: {m.field} = {m.value}",
+            [
+                ("target", fmt(m.target)),
+                (f"{m.field}={m.value}", fmt(m.budget.trainable)),
+                ("difference", f"{m.difference:+,} ({m.difference / m.target:+.3%})"),
+            ],
+        )

@@ -1,0 +1,57 @@
+"""Budgets on the real Mistral-7B shape (meta device, no weights) and the --match solver."""
+
+from pathlib import Path
+
+import pytest
+
+from fff_lightning.budget import count_budget, match_fff_width, match_lora_rank, run_budget
+from fff_lightning.fff import FFFConfig
+from fff_lightning.loading import BaseModelConfig, model_shape
+from fff_lightning.lora import LoRAConfig
+from fff_lightning.run_config import load_model_spec
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+LORA_PER_RANK_7B = 2_621_440  # 32 layers x (q 8192 + k 5120 + v 5120 + o 8192 + gate/up 18432 x 2 + down 18432)
+
+
+@pytest.fixture(scope="module")
+def mistral7b():
+    return model_shape(BaseModelConfig(name_or_path="mistralai/Mistral-7B-v0.1"))
+
+
+def test_step2_fff_plus_lora_budget_is_the_research_figure():
+    spec = load_model_spec(CONFIGS / "step2.yaml")
+    b = run_budget(spec.base, spec.fff, spec.lora)
+    assert b.fff == 7 * 6 * (3 * 4096 * 128 + 4096) == 66_232_320
+    assert b.lora == 24 * LORA_PER_RANK_7B == 62_914_560
+    assert b.trainable == 129_146_880
+    assert b.base == 7_241_732_096
+
+
+def test_step2_lora_baseline_budget_is_the_research_figure():
+    spec = load_model_spec(CONFIGS / "step2_lora.yaml")
+    b = run_budget(spec.base, spec.fff, spec.lora)
+    assert (b.fff, b.lora) == (0, 46 * LORA_PER_RANK_7B) == (0, 120_586_240)
+
+
+def test_match_lora_rank_is_the_closest(mistral7b):
+    m = match_lora_rank(mistral7b, 129_146_880)
+    assert m.value == 49 and m.budget.trainable == 49 * LORA_PER_RANK_7B
+    for r in (48, 50):
+        assert abs(m.difference) < abs(r * LORA_PER_RANK_7B - 129_146_880)
+
+
+def test_match_fff_width_reaches_a_lora_budget(mistral7b):
+    fff = FFFConfig(n_sublayers=6, width=128, activation="gelu_new", layers="13-19")
+    m = match_fff_width(mistral7b, 46 * LORA_PER_RANK_7B, fff, LoRAConfig(preset="r24"))
+    per_width = 7 * 6 * 3 * 4096
+    assert m.field == "fff.width" and m.value == round((120_586_240 - 62_914_560 - 7 * 6 * 4096) / per_width)
+    assert abs(m.difference) <= per_width / 2
+
+
+def test_budget_counts_follow_layer_and_target_choices(mistral7b):
+    fff = FFFConfig(n_sublayers=2, width=[64, 32], targets=["up_proj", "gate_proj"], layers="0,31")
+    lora = LoRAConfig(r=8, target_modules=["q_proj", "v_proj"], layers="0-3")
+    b = count_budget(mistral7b, fff, lora)
+    assert b.fff == 2 * 2 * ((3 * 4096 * 64 + 4096) + (3 * 4096 * 32 + 4096))
+    assert b.lora == 4 * 8 * ((4096 + 4096) + (4096 + 1024))

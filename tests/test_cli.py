@@ -1,0 +1,59 @@
+"""The command line as a user runs it: exit codes, messages, the budget table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "fff_lightning", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_budget_prints_the_step2_figures():
+    out = run("budget", "--config", "configs/step2.yaml", "--match", "lora_rank")
+    assert out.returncode == 0, out.stderr
+    for figure in ("66,232,320", "62,914,560", "129,146,880", "7,241,732,096", "lora.r = 49"):
+        assert figure in out.stdout
+
+
+def test_budget_json_for_the_lora_baseline():
+    out = run("budget", "--config", "configs/step2_lora.yaml", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["trainable"] == 120_586_240
+
+
+def test_bad_config_exits_2_with_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  base: {backend: tiny}\n  fff: {n_sublayers: 2, width: [8, 8, 8]}\n")
+    out = run("budget", "--config", str(bad))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "error: model.fff.width: gives 3 widths for 2 sub-layers: give one int, or one per sub-layer"
+    )
+
+
+def test_unknown_field_and_missing_adapter_and_missing_file(tmp_path):
+    cases = {
+        "model:\n  fff: {widht: 8}\n": "model.fff.widht: unknown field; allowed: n_sublayers, width",
+        "model:\n  base: {backend: tiny}\n": "configures no adapter",
+        "model:\n  base: {backend: tiny}\n  fff: {layers: '2-9'}\n": "layer(s) [4, 5, 6, 7, 8, 9] do not exist",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        out = run("budget", "--config", str(path))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = run("budget", "--config", str(tmp_path / "absent.yaml"))
+    assert out.returncode == 2 and "no such file" in out.stderr
+
+
+def test_callbacks_import_from_the_installed_package(tmp_path):
+    # From another folder, so the import cannot come from the source tree's top-level callbacks/.
+    code = "import fff_lightning.callbacks as c, pathlib; print(pathlib.Path(c.__file__).parent.name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "callbacks"

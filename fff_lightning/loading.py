@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -103,6 +104,21 @@ def resolve_backend(backend: str) -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
         return "unsloth"
     return "hf"
+
+
+def preimport_unsloth() -> bool:
+    """Import Unsloth now if this machine would use it (CUDA + Unsloth installed, ``FFF_NO_UNSLOTH`` unset).
+
+    Unsloth patches transformers and PEFT when it is imported and must come before them; entry points call this
+    before reading configs (config checks import ``transformers.activations``). Returns whether it imported.
+    """
+    if os.environ.get("FFF_NO_UNSLOTH") or "unsloth" in sys.modules:
+        return "unsloth" in sys.modules
+    if not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None:
+        return False
+    import unsloth  # noqa: F401
+
+    return True
 
 
 def compute_dtype(cfg: BaseModelConfig) -> torch.dtype:

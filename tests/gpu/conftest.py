@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fff_lightning.loading import preimport_unsloth
+
+preimport_unsloth()  # before anything imports transformers
+
 
 @pytest.fixture(scope="session")
 def random_mistral_7b(tmp_path_factory):

@@ -1,0 +1,284 @@
+"""``FFFDataModule``: the research's four-dataset mix, exact and reproducible, validated per dataset."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fff_lightning.data.formatting import LOSS_ON, TEXT_STYLES
+from fff_lightning.data.prepare import Prepared, TextOptions, prepare_source
+from fff_lightning.data.sources import SourceConfig, research_sources
+from fff_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+class TokenizedRows(Dataset):
+    """Rows of several tokenized datasets in a fixed order: ``order[i] = (source index, row index)``."""
+
+    def __init__(self, parts: list, order: list[tuple[int, int]]):
+        self.parts = parts
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        s, r = self.order[i]
+        row = self.parts[s][r]
+        return {"input_ids": row["input_ids"], "labels": row["labels"], "source": s}
+
+
+class PadCollator:
+    """Right-pads a batch to its longest sample; padded labels are -100 and masked out of attention."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.tensor(r["input_ids"])
+            labels[i, :k] = torch.tensor(r["labels"])
+            mask[i, :k] = 1
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "source": torch.tensor([r["source"] for r in rows]),
+        }
+
+
+def mix_order(lengths: list[int], repeats: list[int], seed: int) -> list[tuple[int, int]]:
+    """Every training row of every source, ``repeat`` times, shuffled once with ``seed`` (the research's mix)."""
+    order = [(s, r) for s, (n, k) in enumerate(zip(lengths, repeats, strict=True)) for _ in range(k) for r in range(n)]
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def group_by_length(order: list, length_of, batch_size: int, seed: int, mega: int = 50) -> list:
+    """Reorder so each batch holds samples of similar length (less padding), keeping the mix random: sort within
+    mega-batches of ``mega * batch_size`` samples, cut into batches, shuffle the batches with ``seed``."""
+    size = mega * batch_size
+    batches = []
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start : start + size], key=length_of, reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    random.Random(seed + 1).shuffle(batches)
+    return [x for b in batches for x in b]
+
+
+class FFFDataModule(L.LightningDataModule):
+    """The training mix and one named validation set per dataset.
+
+    Args:
+        sources: the datasets (default: the research's four, from the hub).
+        paths: ``{name: path}`` to point a source at a local file or folder from the command line, e.g.
+            ``--data.paths '{metamath: data/mm.jsonl}'``.
+        text_style: ``research`` (``###USER: ...\\n###ASSISTANT: ...``) or ``chat_template``.
+        loss_on: ``all`` tokens (the research) or ``assistant`` tokens only.
+        chat_template: a Jinja chat template for ``chat_template`` style (default: the tokenizer's own).
+        max_seq_length: longer samples are truncated (and counted).
+        batch_size: training micro-batch size.
+        val_batch_size: validation batch size (default: ``batch_size``).
+        num_workers: dataloader workers; batches do not depend on it.
+        seed: selects random takes and shuffles the mix (the research used 12).
+        group_by_length: batch samples of similar length together to cut padding (seeded).
+        tokenizer: tokenizer hub id or folder; ``None``: Mistral-7B's, offline.
+        cache_dir: where tokenized data is cached (default ``$FFF_CACHE/data``); ``None`` with ``cache: false``
+            disables the cache.
+        cache: reuse tokenized data keyed by everything that changes it.
+        num_proc: processes for tokenization (``datasets.map``).
+    """
+
+    def __init__(
+        self,
+        sources: list[SourceConfig] | None = None,
+        paths: dict[str, str] | None = None,
+        text_style: str = "research",
+        loss_on: str = "all",
+        chat_template: str | None = None,
+        max_seq_length: int = 2048,
+        batch_size: int = 3,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 12,
+        group_by_length: bool = False,
+        tokenizer: str | None = None,
+        cache_dir: str | None = None,
+        cache: bool = True,
+        num_proc: int | None = None,
+    ):
+        super().__init__()
+        if text_style not in TEXT_STYLES:
+            raise ConfigError("data.text_style", f"unknown style {text_style!r}; allowed: {', '.join(TEXT_STYLES)}")
+        if loss_on not in LOSS_ON:
+            raise ConfigError("data.loss_on", f"unknown value {loss_on!r}; allowed: {', '.join(LOSS_ON)}")
+        for name, v in (("max_seq_length", max_seq_length), ("batch_size", batch_size)):
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"data.{name}", f"must be a positive int; got {v!r}")
+        sources = list(sources) if sources is not None else research_sources()
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ConfigError("data.sources", f"dataset names must be unique; got {names}")
+        for name, path in (paths or {}).items():
+            if name not in names:
+                raise ConfigError(f"data.paths.{name}", f"no dataset named {name!r}; datasets: {', '.join(names)}")
+            sources[names.index(name)] = replace(sources[names.index(name)], path=path)
+        self.sources = [s for s in sources if s.enabled]
+        if not self.sources:
+            raise ConfigError("data.sources", "every dataset is disabled")
+        self.opts = TextOptions(text_style, loss_on, max_seq_length, chat_template)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.group = group_by_length
+        self.tokenizer_name = tokenizer
+        self.cache_dir = cache_dir
+        self.cache = cache
+        self.num_proc = num_proc
+        self.prepared: list[Prepared] = []
+        self.summary: list[dict] = []
+        self._tokenizer = None
+
+    # -- preparation -------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from fff_lightning.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def _cache_root(self) -> Path | None:
+        if not self.cache:
+            return None
+        from fff_lightning.tokenizer import cache_dir
+
+        return Path(self.cache_dir) if self.cache_dir else cache_dir() / "data"
+
+    def _prepare_all(self) -> list[Prepared]:
+        if self.opts.style == "chat_template" and not (self.opts.chat_template or self.tokenizer.chat_template):
+            raise ConfigError(
+                "data.chat_template", "the tokenizer has no chat template: give data.chat_template or use research"
+            )
+        root = self._cache_root()
+        return [prepare_source(s, self.tokenizer, self.opts, self.seed, root, self.num_proc) for s in self.sources]
+
+    def prepare_data(self) -> None:
+        """Download and tokenize once per machine (Lightning calls this on local rank 0 only)."""
+        self._prepare_all()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prepared:
+            return
+        self.prepared = self._prepare_all()
+        parts = [p.train for p in self.prepared]
+        order = mix_order([len(p) for p in parts], [p.source.repeat for p in self.prepared], self.seed)
+        if self.group:
+            lengths = [p["length"] for p in parts]
+            order = group_by_length(order, lambda x: lengths[x[0]][x[1]], self.batch_size, self.seed)
+        self.train_set = TokenizedRows(parts, order)
+        self.val_sets = [
+            TokenizedRows([p.val], [(0, r) for r in range(len(p.val))]) for p in self.prepared if p.val is not None
+        ]
+        self.val_names = [p.source.name for p in self.prepared if p.val is not None]
+        self.summary = self._summarise()
+        self._print_summary()
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+    def _loader(self, ds: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=False,  # the order is fixed in setup(), so batches do not depend on workers or processes
+            num_workers=self.num_workers,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One dataloader per dataset, in the order of ``val_names``."""
+        return [self._loader(ds, self.val_batch_size) for ds in self.val_sets]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    # -- summary -----------------------------------------------------------------------------------------------
+    def _summarise(self) -> list[dict]:
+        pad = [0] * len(self.prepared)
+        slots = [0] * len(self.prepared)
+        lengths = [p.train["length"] for p in self.prepared]
+        order = self.train_set.order
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            longest = max(lengths[s][r] for s, r in batch)
+            for s, r in batch:
+                pad[s] += longest - lengths[s][r]
+                slots[s] += longest
+        rows = []
+        for i, p in enumerate(self.prepared):
+            reps = p.source.repeat
+            rows.append(
+                {
+                    "dataset": p.source.name,
+                    "train_rows": p.train_rows,
+                    "repeat": reps,
+                    "train_samples": len(p.train) * reps,
+                    "train_tokens": sum(lengths[i]) * reps,
+                    "truncated": sum(p.train["truncated"]) * reps
+                    + (sum(p.val["truncated"]) if p.val is not None else 0),
+                    "padding_share": pad[i] / slots[i] if slots[i] else 0.0,
+                    "val_rows": p.val_rows,
+                    "val_samples": len(p.val) if p.val is not None else 0,
+                    "val_tokens": sum(p.val["length"]) if p.val is not None else 0,
+                    "seen_in_training": p.seen_in_training,
+                    "cached": p.from_cache,
+                }
+            )
+        return rows
+
+    def _print_summary(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"data: {len(self.train_set):,} training samples, seed {self.seed}", title_justify="left")
+        heads = ["dataset", "train rows", "x", "train samples", "train tokens", "truncated", "padding", "val rows"]
+        for h in [*heads, "val samples", "val tokens", "val seen in training", "cache"]:
+            table.add_column(h, justify="left" if h == "dataset" else "right")
+        for r in self.summary:
+            table.add_row(
+                r["dataset"],
+                f"{r['train_rows']:,}",
+                str(r["repeat"]),
+                f"{r['train_samples']:,}",
+                f"{r['train_tokens']:,}",
+                f"{r['truncated']:,}",
+                f"{r['padding_share']:.1%}",
+                f"{r['val_rows']:,}" if r["val_samples"] else "none",
+                f"{r['val_samples']:,}",
+                f"{r['val_tokens']:,}",
+                "YES" if r["seen_in_training"] else "no",
+                "hit" if r["cached"] else "built",
+            )
+        Console(width=160).print(table)
+        for r in self.summary:
+            if r["seen_in_training"]:
+                log.warning("validation rows of %s are also training rows: its loss is not held-out", r["dataset"])
+            if not r["val_samples"]:
+                log.warning("%s has no validation set (val_split is null)", r["dataset"])

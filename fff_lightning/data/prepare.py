@@ -1,0 +1,210 @@
+"""Load, select, format and tokenize one source, with a cache keyed by everything that changes the result."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fff_lightning.data.formatting import formatter, tokenize_sample
+from fff_lightning.data.sources import SourceConfig, check_json_lines, pick, resolve_path
+from fff_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+#: Bump when formatting or tokenization changes, so old caches are not reused.
+CACHE_VERSION = 1
+
+
+@dataclass
+class TextOptions:
+    """How samples become tokens; part of every cache key."""
+
+    style: str
+    loss_on: str
+    max_seq_length: int
+    chat_template: str | None
+
+
+@dataclass
+class Prepared:
+    """One source after preparation: tokenized train and validation sets, and what is known about them."""
+
+    source: SourceConfig
+    train: object  # datasets.Dataset with input_ids, labels, truncated, length
+    val: object | None
+    train_rows: int  # rows taken before repeat and before UltraChat's expansion into turns
+    val_rows: int
+    seen_in_training: bool  # validation rows are also training rows
+    from_cache: bool
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    probe = "###USER: Hello, world!\n###ASSISTANT: 42 is ▁the answer."
+    data = [
+        getattr(tokenizer, "name_or_path", ""),
+        len(tokenizer),
+        tokenizer.eos_token_id,
+        tokenizer(probe)["input_ids"],
+    ]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+def _load_split(builder: str, hub_id: str | None, files: list[str] | None, split: str, src: SourceConfig):
+    import datasets
+
+    if builder == "hub":
+        try:
+            return datasets.load_dataset(hub_id, split=split)
+        except Exception as e:
+            raise ConfigError(
+                f"data.sources.{src.name}.path", f"cannot load {hub_id!r} split {split!r} ({type(e).__name__}: {e})"
+            ) from e
+    chosen = split_files(files, split)
+    for f in chosen:
+        check_json_lines(f)
+    try:
+        return datasets.load_dataset(builder, data_files=chosen, split="train")
+    except Exception as e:
+        raise ConfigError(f"data.sources.{src.name}.path", f"cannot read {chosen} ({type(e).__name__}: {e})") from e
+
+
+def split_files(files: list[str], split: str) -> list[str]:
+    """A local folder may hold one file per split (``train_sft.jsonl``, ``test_sft.jsonl``); otherwise every
+    split name refers to all of its files."""
+    return [f for f in files if Path(f).stem == split] or files
+
+
+def _check_columns(ds, src: SourceConfig) -> None:
+    missing = [c for c in src.columns() if c not in ds.column_names]
+    if missing:
+        raise ConfigError(
+            f"data.sources.{src.name}",
+            f"schema {src.schema!r} needs column(s) {missing}, which {src.path} lacks; it has {ds.column_names}",
+        )
+
+
+def _tokenize(ds, src: SourceConfig, tokenizer, opts: TextOptions, num_proc: int | None, what: str, key: str):
+    fmt = formatter(src.schema, src.prompt_column, src.response_column)
+
+    def batch_fn(batch: dict, indices: list[int]) -> dict:
+        out = {"input_ids": [], "labels": [], "truncated": [], "length": []}
+        for j, i in enumerate(indices):
+            row = {k: v[j] for k, v in batch.items()}
+            try:
+                samples = fmt(row)
+            except (TypeError, KeyError) as e:
+                raise ConfigError(f"data.sources.{src.name}", f"{what} row {i}: {e}") from None
+            for s in samples:
+                t = tokenize_sample(s, tokenizer, opts.style, opts.loss_on, opts.max_seq_length, opts.chat_template)
+                for k in ("input_ids", "labels", "truncated"):
+                    out[k].append(t[k])
+                out["length"].append(len(t["input_ids"]))
+        return out
+
+    return ds.map(
+        batch_fn,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(ds) >= 2 * num_proc else None,
+        desc=f"tokenizing {src.name} ({what})",
+        load_from_cache_file=False,
+        new_fingerprint=f"{key}-{what}",  # our key says it all; hashing the tokenizer-holding closure costs seconds
+    )
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No progress bars for cache writes: the tokenizing bars are the ones that tell something."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    was = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            enable_progress_bar()
+
+
+def _local_fingerprint(files: list[str]) -> list:
+    return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+
+
+def prepare_source(
+    src: SourceConfig, tokenizer, opts: TextOptions, seed: int, cache_root: Path | None, num_proc: int | None
+) -> Prepared:
+    """Everything for one source; reads the cache when the key matches, writes it atomically otherwise."""
+    import datasets
+
+    builder, hub_id, files = resolve_path(src)
+    train_raw = _load_split(builder, hub_id, files, src.train_split, src)
+    _check_columns(train_raw, src)
+    same_split = src.val_split == src.train_split
+    val_raw = None
+    if src.val_split is not None:
+        val_raw = train_raw if same_split else _load_split(builder, hub_id, files, src.val_split, src)
+        _check_columns(val_raw, src)
+
+    try:
+        train_idx = pick(len(train_raw), src.train_rows, src.train_take, seed)
+        val_idx = pick(len(val_raw), src.val_rows, src.val_take, seed + 1) if val_raw is not None else []
+    except ValueError as e:
+        raise ConfigError(f"data.sources.{src.name}", str(e)) from None
+    if not train_idx:
+        raise ConfigError(f"data.sources.{src.name}.train_rows", f"selects no training row from {src.path}")
+    if val_raw is not None and not val_idx:
+        raise ConfigError(f"data.sources.{src.name}.val_rows", f"selects no validation row from {src.path}")
+    # Validation rows that are also training rows (ArtificialThinkerSet in the research) are allowed, but recorded.
+    same_rows = same_split or (
+        files is not None
+        and val_raw is not None
+        and split_files(files, src.train_split) == split_files(files, src.val_split)
+    )
+    seen = bool(same_rows and set(train_idx) & set(val_idx))
+
+    key_data = {
+        "version": CACHE_VERSION,
+        "source": {k: v for k, v in asdict(src).items() if k not in ("repeat", "enabled", "name")},
+        "data": _local_fingerprint(files)
+        if files
+        else [hub_id, train_raw._fingerprint, getattr(val_raw, "_fingerprint", None)],
+        "text": asdict(opts),
+        "seed": seed if "random" in (src.train_take, src.val_take) else None,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = cache_root / f"{src.name}-{key}" if cache_root else None
+    if folder is not None and (folder / "done").exists():
+        train = datasets.load_from_disk(str(folder / "train"))
+        val = datasets.load_from_disk(str(folder / "val")) if (folder / "val").exists() else None
+        return Prepared(src, train, val, len(train_idx), len(val_idx), seen, from_cache=True)
+
+    train = _tokenize(train_raw.select(train_idx), src, tokenizer, opts, num_proc, "train", key)
+    val = (
+        _tokenize(val_raw.select(val_idx), src, tokenizer, opts, num_proc, "val", key) if val_raw is not None else None
+    )
+    if folder is not None:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            with _quiet():
+                train.save_to_disk(str(tmp / "train"))
+                if val is not None:
+                    val.save_to_disk(str(tmp / "val"))
+            (tmp / "key.json").write_text(json.dumps(key_data, indent=2, default=str))
+            (tmp / "done").touch()
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        train = datasets.load_from_disk(str(folder / "train"))
+        val = datasets.load_from_disk(str(folder / "val")) if val is not None else None
+    return Prepared(src, train, val, len(train_idx), len(val_idx), seen, from_cache=False)

@@ -1,0 +1,152 @@
+"""Where each dataset comes from and which of its rows a run takes.
+
+A source is a hub id (the real datasets are the defaults), a local file or folder (jsonl, json, parquet), or a
+bundled sample (``bundled:metamath``). Rows are taken as the research did (``head``/``tail`` slices) or as a
+seeded random sample, by count or fraction, then repeated ``repeat`` times for training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fff_lightning.data.formatting import SCHEMA_COLUMNS
+from fff_lightning.errors import ConfigError
+
+BUNDLED = Path(__file__).parent / "samples"
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of the mix.
+
+    Attributes:
+        name: the dataset's name in logs and tables (``metamath``...).
+        path: hub id, local file or folder (jsonl/json/parquet), or ``bundled:<name>`` for a bundled sample.
+        schema: ``magicoder``, ``metamath``, ``ultrachat``, ``artificial_thinker`` or ``prompt_response``.
+        train_split: split to train on.
+        train_rows: rows to take for training: a count, a fraction in (0, 1], or ``None`` for all.
+        train_take: ``head`` (first rows), ``tail`` (last rows) or ``random`` (seeded sample).
+        val_split: split to validate on; ``None`` gives this dataset no validation (said in the summary).
+        val_rows: rows to take for validation (count, fraction or ``None`` for all).
+        val_take: ``head``, ``tail`` or ``random``.
+        repeat: how many times the training rows appear in the mix (ArtificialThinkerSet: 6).
+        enabled: ``false`` leaves the dataset out entirely.
+        prompt_column: question column of a ``prompt_response`` source.
+        response_column: answer column of a ``prompt_response`` source.
+    """
+
+    name: str
+    path: str
+    schema: Literal["magicoder", "metamath", "ultrachat", "artificial_thinker", "prompt_response"]
+    train_split: str = "train"
+    train_rows: int | float | None = None
+    train_take: Literal["head", "tail", "random"] = "head"
+    val_split: str | None = "train"
+    val_rows: int | float | None = None
+    val_take: Literal["head", "tail", "random"] = "tail"
+    repeat: int = 1
+    enabled: bool = True
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+
+    def __post_init__(self) -> None:
+        f = f"data.sources.{self.name}"
+        if self.schema not in SCHEMA_COLUMNS:
+            raise ConfigError(f"{f}.schema", f"unknown schema {self.schema!r}; allowed: {', '.join(SCHEMA_COLUMNS)}")
+        for key in ("train_rows", "val_rows"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+            if bad or (isinstance(v, float) and v > 1):
+                raise ConfigError(f"{f}.{key}", f"must be a positive count, a fraction in (0, 1], or null; got {v!r}")
+        for key in ("train_take", "val_take"):
+            if getattr(self, key) not in ("head", "tail", "random"):
+                raise ConfigError(f"{f}.{key}", f"must be head, tail or random; got {getattr(self, key)!r}")
+        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat <= 0:
+            raise ConfigError(f"{f}.repeat", f"must be a positive int; got {self.repeat!r}")
+
+    def columns(self) -> tuple[str, ...]:
+        if self.schema == "prompt_response":
+            return (self.prompt_column, self.response_column)
+        return SCHEMA_COLUMNS[self.schema]
+
+
+def research_sources() -> list[SourceConfig]:
+    """The FFF study's mix (hub ids): its training slices, its per-dataset validation sets, AT x6."""
+    return [
+        SourceConfig("magicoder", "ise-uiuc/Magicoder-OSS-Instruct-75K", "magicoder", train_rows=10000, val_rows=1000),
+        SourceConfig("metamath", "meta-math/MetaMathQA", "metamath", train_rows=10000, val_rows=1000),
+        SourceConfig(
+            "ultrachat",
+            "HuggingFaceH4/ultrachat_200k",
+            "ultrachat",
+            "train_sft",
+            25000,
+            "head",
+            "test_sft",
+            2000,
+            "head",
+        ),
+        SourceConfig(
+            "artificial_thinker", "freecs/ArtificialThinkerSet", "artificial_thinker", repeat=6, val_take="head"
+        ),
+    ]
+
+
+def resolve_path(src: SourceConfig) -> tuple[str, str | None, list[str] | None]:
+    """``(builder, hub_id, files)``: ``("json", None, [file])`` for local files, ``("hub", id, None)`` for the hub."""
+    path = src.path
+    if path.startswith("bundled:"):
+        file = BUNDLED / f"{path.removeprefix('bundled:')}.jsonl"
+        if not file.is_file():
+            names = sorted(p.stem for p in BUNDLED.glob("*.jsonl"))
+            raise ConfigError(f"data.sources.{src.name}.path", f"no bundled sample {path!r}; bundled: {names}")
+        return "json", None, [str(file)]
+    p = Path(path)
+    if p.is_file():
+        if p.suffix not in LOCAL_SUFFIXES:
+            raise ConfigError(f"data.sources.{src.name}.path", f"{path}: use a .jsonl, .json or .parquet file")
+        return LOCAL_SUFFIXES[p.suffix], None, [str(p)]
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise ConfigError(f"data.sources.{src.name}.path", f"folder {path} holds no .jsonl/.json/.parquet file")
+        builders = {LOCAL_SUFFIXES[Path(f).suffix] for f in files}
+        if len(builders) > 1:
+            raise ConfigError(f"data.sources.{src.name}.path", f"folder {path} mixes json and parquet files")
+        return builders.pop(), None, files
+    looks_local = path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_SUFFIXES or path.count("/") != 1
+    if looks_local:
+        raise ConfigError(f"data.sources.{src.name}.path", f"no such file or folder: {path}")
+    return "hub", path, None
+
+
+def check_json_lines(file: str) -> None:
+    """Name the file and line of the first malformed JSON line (``datasets`` reports neither)."""
+    if not file.endswith(".jsonl"):
+        return
+    with open(file, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError("data", f"{file}, line {n}: malformed JSON ({e.msg})") from None
+
+
+def pick(n_total: int, rows: int | float | None, take: str, seed: int) -> list[int]:
+    """Row indices of a split to use: a count or fraction, from the head, the tail or a seeded sample."""
+    n = n_total if rows is None else (round(rows * n_total) if isinstance(rows, float) else rows)
+    if n > n_total:
+        raise ValueError(f"asks for {n} rows but the split has {n_total}")
+    if take == "head":
+        return list(range(n))
+    if take == "tail":
+        return list(range(n_total - n, n_total))
+    return sorted(random.Random(seed).sample(range(n_total), n))

@@ -4,4 +4,9 @@ This top-level folder is installed as the ``fff_lightning.callbacks`` package (s
 config addresses a callback as ``class_path: fff_lightning.callbacks.<Name>``.
 """
 
-__all__: list[str] = []
+from .adapter_export import AdapterExport
+from .budget import ParameterBudget
+from .seed import DeterministicSeed
+from .throughput import ThroughputMonitor
+
+__all__ = ["AdapterExport", "DeterministicSeed", "ParameterBudget", "ThroughputMonitor"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from fff_lightning.data.formatting import LOSS_ON, TEXT_STYLES
 from fff_lightning.data.prepare import Prepared, TextOptions, prepare_source
@@ -60,6 +61,92 @@ class PadCollator:
         }
 
 
+class ResumableBatchSampler(BatchSampler):
+    """Batches in order; after a mid-epoch resume, the first ``skip`` batches of the next pass are left out.
+
+    Its length stays the full epoch's, as Lightning expects of a resumed loader (it counts the restored batches
+    itself), so the schedule's total steps do not change on resume.
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool = False, skip: int = 0):
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = skip
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
+class PromptRows(Dataset):
+    """Prompts to answer in ``predict``, formatted like the training samples up to the answer."""
+
+    def __init__(self, prompts: list[str], tokenizer, style: str, template: str | None):
+        self.prompts = prompts
+        self.tokenizer, self.style, self.template = tokenizer, style, template
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        p = self.prompts[i]
+        if self.style == "research":
+            text = f"###USER: {p}\n###ASSISTANT:"
+        else:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}],
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            text = text.removeprefix(self.tokenizer.bos_token or "")
+        return {"input_ids": self.tokenizer(text)["input_ids"], "prompt": p}
+
+
+class LeftPadCollator:
+    """Left-pads prompts so generation continues each one from its last token."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, n - k :] = torch.tensor(r["input_ids"])
+            mask[i, n - k :] = 1
+        return {"input_ids": ids, "attention_mask": mask, "prompt": [r["prompt"] for r in rows]}
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a ``.jsonl`` file (a ``prompt`` field per line) or a text file (one prompt per line)."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("data.predict_file", f"no such file: {path}")
+    prompts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError("data.predict_file", f"{path}, line {n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError("data.predict_file", f"{path}, line {n}: needs a text field 'prompt'")
+            prompts.append(row["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ConfigError("data.predict_file", f"{path} holds no prompt")
+    return prompts
+
+
 def mix_order(lengths: list[int], repeats: list[int], seed: int) -> list[tuple[int, int]]:
     """Every training row of every source, ``repeat`` times, shuffled once with ``seed`` (the research's mix)."""
     order = [(s, r) for s, (n, k) in enumerate(zip(lengths, repeats, strict=True)) for _ in range(k) for r in range(n)]
@@ -100,6 +187,7 @@ class FFFDataModule(L.LightningDataModule):
             disables the cache.
         cache: reuse tokenized data keyed by everything that changes it.
         num_proc: processes for tokenization (``datasets.map``).
+        predict_file: prompts for ``predict``: ``.jsonl`` with a ``prompt`` field, or one prompt per line.
     """
 
     def __init__(
@@ -119,6 +207,7 @@ class FFFDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cache: bool = True,
         num_proc: int | None = None,
+        predict_file: str | None = None,
     ):
         super().__init__()
         if text_style not in TEXT_STYLES:
@@ -149,6 +238,8 @@ class FFFDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.cache = cache
         self.num_proc = num_proc
+        self.predict_file = predict_file
+        self._skip = 0  # batches of the current epoch already trained on, restored from a checkpoint
         self.prepared: list[Prepared] = []
         self.summary: list[dict] = []
         self._tokenizer = None
@@ -182,6 +273,11 @@ class FFFDataModule(L.LightningDataModule):
         self._prepare_all()
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self.predict_set = PromptRows(
+                read_prompts(self.predict_file or ""), self.tokenizer, self.opts.style, self.opts.chat_template
+            )
+            return
         if self.prepared:
             return
         self.prepared = self._prepare_all()
@@ -199,18 +295,34 @@ class FFFDataModule(L.LightningDataModule):
         self._print_summary()
 
     # -- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, ds: Dataset, batch_size: int) -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, skip: int = 0, collate=None) -> DataLoader:
+        # The order is fixed in setup(), so batches do not depend on workers or processes.
         return DataLoader(
             ds,
-            batch_size=batch_size,
-            shuffle=False,  # the order is fixed in setup(), so batches do not depend on workers or processes
+            batch_sampler=ResumableBatchSampler(SequentialSampler(ds), batch_size, skip=skip),
             num_workers=self.num_workers,
-            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            collate_fn=collate or PadCollator(self.tokenizer.pad_token_id),
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size)
+        skip, self._skip = self._skip, 0
+        return self._loader(self.train_set, self.batch_size, skip=skip)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, self.val_batch_size, collate=LeftPadCollator(self.tokenizer.pad_token_id))
+
+    def state_dict(self) -> dict:
+        """Saved in Lightning checkpoints: how many batches of the current epoch were trained on."""
+        trainer = self.trainer
+        if trainer is None or not hasattr(self, "train_set"):
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        per_epoch = math.ceil(len(self.train_set) / self.batch_size)
+        return {"batches_done_in_epoch": done % per_epoch, "seed": self.seed, "train_samples": len(self.train_set)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = int(state.get("batches_done_in_epoch", 0))
 
     def val_dataloader(self) -> list[DataLoader]:
         """One dataloader per dataset, in the order of ``val_names``."""

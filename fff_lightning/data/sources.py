@@ -60,6 +60,9 @@ class SourceConfig:
             raise ConfigError(f"{f}.schema", f"unknown schema {self.schema!r}; allowed: {', '.join(SCHEMA_COLUMNS)}")
         for key in ("train_rows", "val_rows"):
             v = getattr(self, key)
+            if isinstance(v, float) and v.is_integer() and v > 1:  # YAML/CLI parsers may hand counts over as floats
+                v = int(v)
+                setattr(self, key, v)
             if v is None:
                 continue
             bad = isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0

@@ -59,9 +59,9 @@ def _lightning_cli():
 
         # -- logging folder ------------------------------------------------------------------------------------
         def before_instantiate_classes(self) -> None:
-            cfg = self.config[self.subcommand]
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
             run = cfg.run_name or _legend(cfg.model)
-            if self.subcommand == "fit":
+            if self.subcommand in ("fit", None):
                 if cfg.run_name is None:
                     run = _unique(Path(cfg.logs_dir) / cfg.experiment, run)
                 if cfg.trainer.logger in (None, True):
@@ -125,6 +125,20 @@ def _lightning_cli():
     return FFFCLI, FFFModule, FFFDataModule
 
 
+def check_config(path: str | Path) -> object:
+    """Parse a run config and build its model and data module (no weights, no data, no Trainer).
+
+    Every YAML in ``configs/`` goes through this in the tests, so configs cannot drift from the code.
+    """
+    cli_cls, module_cls, dm_cls = _lightning_cli()
+
+    class Check(cli_cls):
+        def instantiate_trainer(self, **kwargs):  # a GPU config must parse on a CPU machine too
+            return None
+
+    return Check(module_cls, dm_cls, args=["--config", str(path)], run=False, auto_configure_optimizers=False)
+
+
 def _legend(model_cfg) -> str:
     from fff_lightning.fff import FFFConfig
     from fff_lightning.lora import LoRAConfig
@@ -170,11 +184,11 @@ def _print_table(title: str, results: list[dict], seen: dict[str, bool]) -> None
         print("YES: these validation rows were also training rows; their loss is not held-out.")
 
 
-def run_lightning(argv: list[str]):
-    """Run a Lightning subcommand; returns the CLI object (tests read its trainer, model and files)."""
+def run_lightning(argv: list[str] | None):
+    """Run a Lightning subcommand (``None``: from ``sys.argv``); returns the CLI object for tests to read."""
     from fff_lightning.loading import preimport_unsloth
 
-    if not any(a in ("-h", "--help") for a in argv):
+    if not any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
         preimport_unsloth()  # Unsloth must patch transformers before anything imports it
     cli_cls, module_cls, dm_cls = _lightning_cli()
     return cli_cls(
@@ -182,7 +196,7 @@ def run_lightning(argv: list[str]):
         dm_cls,
         args=argv,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"fit": {"default_env": False}},
+        seed_everything_default=False,  # seeding is the DeterministicSeed callback's and the model's own seed
         auto_configure_optimizers=False,
     )
 
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 
             budget_cli.main(rest)
         elif command in LIGHTNING_COMMANDS:
-            run_lightning([command, *rest])
+            run_lightning(None if argv == sys.argv[1:] else [command, *rest])
         else:
             print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)

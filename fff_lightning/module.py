@@ -61,10 +61,6 @@ class FFFModule(L.LightningModule):
         super().__init__()
         self.base = base
         self.fff, self.lora, self.adapter_path = fff, lora, adapter_path
-        if adapter_path is not None and (fff is not None or lora is not None):
-            raise ConfigError(
-                "model.adapter_path", "the adapter folder's own config decides the adapters: drop fff/lora"
-            )
         if adapter_path is None and fff is None and lora is None:
             raise ConfigError("model", "no adapter configured: give model.fff, model.lora, or both")
         if optimizer not in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
@@ -79,15 +75,21 @@ class FFFModule(L.LightningModule):
         self.sched = dict(name=scheduler, warmup=warmup_steps)
         self.seed = seed
         self.max_new_tokens = max_new_tokens
+        # The init arguments themselves (dataclasses as dicts), so LightningCLI can re-read them from a checkpoint.
         self.save_hyperparameters(
             {
-                "base": asdict(self.base),
+                "base": asdict(base),
                 "fff": asdict(fff) if fff else None,
                 "lora": asdict(lora) if lora else None,
                 "adapter_path": adapter_path,
-                "optimizer": self.optim,
-                "scheduler": self.sched,
+                "optimizer": optimizer,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "betas": list(betas),
+                "scheduler": scheduler,
+                "warmup_steps": warmup_steps,
                 "seed": seed,
+                "max_new_tokens": max_new_tokens,
             }
         )
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
@@ -126,14 +128,16 @@ class FFFModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
-        expected = set(self.state_dict())
-        got = set(checkpoint["state_dict"])
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
         if expected != got:
-            missing, unexpected = sorted(expected - got), sorted(got - expected)
+            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+            shapes = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
             raise ConfigError(
                 "ckpt_path",
                 f"checkpoint does not match the configured adapters: {len(missing)} missing (e.g. {missing[:1]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})",
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}), {len(shapes)} of another shape "
+                f"(e.g. {shapes[:1]})",
             )
 
     # -- steps -------------------------------------------------------------------------------------------------

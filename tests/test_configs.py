@@ -1,0 +1,40 @@
+"""Every YAML in configs/ parses through the CLI and builds its model and data module (no weights loaded)."""
+
+from pathlib import Path
+
+import pytest
+
+from fff_lightning.cli import check_config
+from fff_lightning.data.datamodule import FFFDataModule
+from fff_lightning.module import FFFModule
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "step2.yaml", "step2_lora.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_instantiates(path, monkeypatch):
+    monkeypatch.chdir(path.parent.parent)  # configs name each other relative to the repository root
+    cli = check_config(path)
+    assert isinstance(cli.model, FFFModule) and isinstance(cli.datamodule, FFFDataModule)
+    assert cli.model.fff is not None or cli.model.lora is not None
+
+
+def test_step2_pair_matches_the_research():
+    root = CONFIGS[0].parent
+    fff = check_config(root / "step2.yaml").model
+    lora = check_config(root / "step2_lora.yaml").model
+    assert (fff.fff.n_sublayers, fff.fff.width, fff.fff.activation, fff.fff.layers, fff.fff.init) == (
+        6,
+        128,
+        "gelu_new",
+        "13-19",
+        "normal",
+    )
+    assert (fff.lora.rank, fff.lora.lora_alpha, lora.lora.rank, lora.lora.lora_alpha) == (24, 12, 46, 23)
+    assert (
+        fff.optim["name"] == "adamw_8bit" and fff.optim["lr"] == 5e-5 and fff.sched == {"name": "linear", "warmup": 1}
+    )

@@ -125,8 +125,9 @@ def _lightning_cli():
     return FFFCLI, FFFModule, FFFDataModule
 
 
-def check_config(path: str | Path) -> object:
-    """Parse a run config and build its model and data module (no weights, no data, no Trainer).
+def check_config(*paths: str | Path, extra: list[str] | None = None) -> object:
+    """Parse run configs (later ones override earlier ones) and build the model and data module (no weights, no
+    data, no Trainer).
 
     Every YAML in ``configs/`` goes through this in the tests, so configs cannot drift from the code.
     """
@@ -136,7 +137,8 @@ def check_config(path: str | Path) -> object:
         def instantiate_trainer(self, **kwargs):  # a GPU config must parse on a CPU machine too
             return None
 
-    return Check(module_cls, dm_cls, args=["--config", str(path)], run=False, auto_configure_optimizers=False)
+    args = [a for p in paths for a in ("--config", str(p))] + list(extra or [])
+    return Check(module_cls, dm_cls, args=args, run=False, auto_configure_optimizers=False)
 
 
 def _legend(model_cfg) -> str:

@@ -38,3 +38,27 @@ def test_step2_pair_matches_the_research():
     assert (
         fff.optim["name"] == "adamw_8bit" and fff.optim["lr"] == 5e-5 and fff.sched == {"name": "linear", "warmup": 1}
     )
+
+
+def test_gpu_smoke_overlay_stacks_on_step2(monkeypatch):
+    root = CONFIGS[0].parent.parent
+    monkeypatch.chdir(root)
+    cli = check_config_stack(["configs/step2.yaml", "configs/overlays/gpu_smoke.yaml"])
+    assert [s.name for s in cli.datamodule.sources][-1] == "long"
+    assert cli.model.fff.width == 128
+
+
+def check_config_stack(paths):
+    from fff_lightning.cli import check_config
+
+    return check_config(*paths)
+
+
+def test_a_dataset_is_pointed_at_local_files_from_the_command_line(tmp_path):
+    from fff_lightning.cli import check_config
+
+    f = tmp_path / "mm.jsonl"
+    f.write_text('{"query": "q", "response": "r"}\n')
+    cli = check_config(CONFIGS[0].parent / "step2.yaml", extra=["--data.paths", f"{{metamath: {f}}}"])
+    by = {s.name: s for s in cli.datamodule.sources}
+    assert by["metamath"].path == str(f) and by["magicoder"].path == "ise-uiuc/Magicoder-OSS-Instruct-75K"

@@ -75,6 +75,7 @@ def _lightning_cli():
                     )
             else:
                 cfg.trainer.logger = False
+                self.save_config_callback = None  # only fit records its config (in its run folder)
             self.run_dir = self._run_dir(cfg, run)
             self.run = run
 

@@ -96,6 +96,7 @@ def test_fit_then_validate_end_to_end_through_the_real_cli(tmp_path):
         assert (a["dataset"], a["rows"], a["tokens"]) == (b["dataset"], b["rows"], b["tokens"])
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     assert "mean loss" in out.stdout and "perplexity" in out.stdout
+    assert not (tmp_path / "config.yaml").exists()  # validate writes nothing into the working folder
 
 
 def test_two_runs_with_the_same_seed_give_identical_losses(tmp_path):

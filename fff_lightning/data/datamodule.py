@@ -79,6 +79,21 @@ class ResumableBatchSampler(BatchSampler):
                 yield batch
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes mid-epoch correctly (no "not resumable" warning).
+
+    The position itself travels in the data module's checkpoint state (``batches_done_in_epoch``, read from
+    Lightning's own batch progress, which is exact even though Lightning prefetches a batch) and reaches the
+    loader as its batch sampler's ``skip``; the loader has no state of its own to add.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class PromptRows(Dataset):
     """Prompts to answer in ``predict``, formatted like the training samples up to the answer."""
 
@@ -297,7 +312,7 @@ class FFFDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, batch_size: int, skip: int = 0, collate=None) -> DataLoader:
         # The order is fixed in setup(), so batches do not depend on workers or processes.
-        return DataLoader(
+        return ResumableLoader(
             ds,
             batch_sampler=ResumableBatchSampler(SequentialSampler(ds), batch_size, skip=skip),
             num_workers=self.num_workers,

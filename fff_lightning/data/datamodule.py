@@ -37,6 +37,18 @@ class TokenizedRows(Dataset):
         return {"input_ids": row["input_ids"], "labels": row["labels"], "source": s}
 
 
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """``(B, longest)`` tensor of the sequences, padded with ``value`` on the right (or the left)."""
+    n = max(len(x) for x in seqs)
+    out = torch.full((len(seqs), n), value, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        if left:
+            out[i, n - len(x) :] = torch.tensor(x, dtype=torch.long)
+        else:
+            out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return out
+
+
 class PadCollator:
     """Right-pads a batch to its longest sample; padded labels are -100 and masked out of attention."""
 
@@ -44,19 +56,11 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            ids[i, :k] = torch.tensor(r["input_ids"])
-            labels[i, :k] = torch.tensor(r["labels"])
-            mask[i, :k] = 1
+        ids = [r["input_ids"] for r in rows]
         return {
-            "input_ids": ids,
-            "labels": labels,
-            "attention_mask": mask,
+            "input_ids": pad(ids, self.pad_id),
+            "labels": pad([r["labels"] for r in rows], IGNORE),
+            "attention_mask": pad([[1] * len(x) for x in ids], 0),
             "source": torch.tensor([r["source"] for r in rows]),
         }
 
@@ -126,14 +130,12 @@ class LeftPadCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict:
-        n = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            ids[i, n - k :] = torch.tensor(r["input_ids"])
-            mask[i, n - k :] = 1
-        return {"input_ids": ids, "attention_mask": mask, "prompt": [r["prompt"] for r in rows]}
+        ids = [r["input_ids"] for r in rows]
+        return {
+            "input_ids": pad(ids, self.pad_id, left=True),
+            "attention_mask": pad([[1] * len(x) for x in ids], 0, left=True),
+            "prompt": [r["prompt"] for r in rows],
+        }
 
 
 def read_prompts(path: str) -> list[str]:

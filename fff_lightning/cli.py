@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _config_error_in(e: BaseException) -> str | None:
-    """The first ConfigError in an exception's chain, or a line of jsonargparse's message that quotes one."""
+    """The message of the first ConfigError in an exception's chain (jsonargparse wraps them), or None."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))

@@ -15,7 +15,7 @@ from torchmetrics import SumMetric
 from fff_lightning.adapters import is_adapter
 from fff_lightning.errors import ConfigError
 from fff_lightning.fff import FFFConfig
-from fff_lightning.loading import BaseModelConfig, build_from_adapter, build_model
+from fff_lightning.loading import BaseModelConfig, build_from_adapter, build_model, resolve_backend
 from fff_lightning.lora import LoRAConfig
 
 
@@ -94,6 +94,7 @@ class FFFModule(L.LightningModule):
         )
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self.model = None
+        self.backend = resolve_backend(base.backend)
         self.val_names: list[str] = []
 
     # -- model -------------------------------------------------------------------------------------------------
@@ -115,6 +116,10 @@ class FFFModule(L.LightningModule):
             self.model, self.tokenizer, self.shape = build_from_adapter(self.base, self.adapter_path, seed=self.seed)
         else:
             self.model, self.tokenizer, self.shape = build_model(self.base, self.fff, self.lora, seed=self.seed)
+        # from_pretrained leaves the base model in eval mode, Lightning keeps each module's mode when fit starts,
+        # and transformers and Unsloth checkpoint (and drop padding masks) only in training mode: train it.
+        # Lightning's own loops put it in eval mode for validation and back afterwards.
+        self.model.train()
 
     # -- checkpoints: adapters only ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -142,11 +147,17 @@ class FFFModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------------------
     def forward(self, batch: dict):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Padded batches carry an attention mask; packed ones carry position ids that restart at each sample
+        # (transformers derives a block-diagonal mask from them) and the samples' lengths (Unsloth reads those).
+        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        if "packed_seq_lengths" in batch and self.backend == "unsloth":
+            kwargs["packed_seq_lengths"] = batch["packed_seq_lengths"]
+        # No KV cache: nothing reads it, and with one transformers ignores the packed-sequence mask.
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **kwargs)
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.get("num_samples", batch["input_ids"].shape[0]))
         return loss
 
     def setup(self, stage: str) -> None:
@@ -163,7 +174,7 @@ class FFFModule(L.LightningModule):
         loss = self(batch).loss.float()  # mean over the batch's scored tokens
         self.loss_sums[dataloader_idx].update(loss * n_tokens)
         self.token_counts[dataloader_idx].update(n_tokens)
-        self.sample_counts[dataloader_idx].update(batch["input_ids"].shape[0])
+        self.sample_counts[dataloader_idx].update(batch.get("num_samples", batch["input_ids"].shape[0]))
 
     test_step = validation_step
 

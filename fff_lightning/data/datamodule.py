@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import logging
-import math
-import random
 from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
-import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
+from fff_lightning.data.collate import LeftPadCollator, PackCollator, PadCollator
 from fff_lightning.data.formatting import LOSS_ON, TEXT_STYLES
 from fff_lightning.data.prepare import Prepared, TextOptions, prepare_source
+from fff_lightning.data.prompts import PromptRows, read_prompts
+from fff_lightning.data.sampling import (
+    PlannedBatchSampler,
+    ResumableBatchSampler,
+    ResumableLoader,
+    group_by_length,
+    mix_order,
+    pack_batches,
+)
 from fff_lightning.data.sources import SourceConfig, research_sources
 from fff_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 class TokenizedRows(Dataset):
@@ -36,151 +42,10 @@ class TokenizedRows(Dataset):
         row = self.parts[s][r]
         return {"input_ids": row["input_ids"], "labels": row["labels"], "source": s}
 
-
-def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    """``(B, longest)`` tensor of the sequences, padded with ``value`` on the right (or the left)."""
-    n = max(len(x) for x in seqs)
-    out = torch.full((len(seqs), n), value, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        if left:
-            out[i, n - len(x) :] = torch.tensor(x, dtype=torch.long)
-        else:
-            out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-    return out
-
-
-class PadCollator:
-    """Right-pads a batch to its longest sample; padded labels are -100 and masked out of attention."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        ids = [r["input_ids"] for r in rows]
-        return {
-            "input_ids": pad(ids, self.pad_id),
-            "labels": pad([r["labels"] for r in rows], IGNORE),
-            "attention_mask": pad([[1] * len(x) for x in ids], 0),
-            "source": torch.tensor([r["source"] for r in rows]),
-        }
-
-
-class ResumableBatchSampler(BatchSampler):
-    """Batches in order; after a mid-epoch resume, the first ``skip`` batches of the next pass are left out.
-
-    Its length stays the full epoch's, as Lightning expects of a resumed loader (it counts the restored batches
-    itself), so the schedule's total steps do not change on resume.
-    """
-
-    def __init__(self, sampler, batch_size: int, drop_last: bool = False, skip: int = 0):
-        super().__init__(sampler, batch_size, drop_last)
-        self.skip = skip
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                yield batch
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader that tells Lightning it resumes mid-epoch correctly (no "not resumable" warning).
-
-    The position itself travels in the data module's checkpoint state (``batches_done_in_epoch``, read from
-    Lightning's own batch progress, which is exact even though Lightning prefetches a batch) and reaches the
-    loader as its batch sampler's ``skip``; the loader has no state of its own to add.
-    """
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class PromptRows(Dataset):
-    """Prompts to answer in ``predict``, formatted like the training samples up to the answer."""
-
-    def __init__(self, prompts: list[str], tokenizer, style: str, template: str | None):
-        self.prompts = prompts
-        self.tokenizer, self.style, self.template = tokenizer, style, template
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict:
-        p = self.prompts[i]
-        if self.style == "research":
-            text = f"###USER: {p}\n###ASSISTANT:"
-        else:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}],
-                chat_template=self.template,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            text = text.removeprefix(self.tokenizer.bos_token or "")
-        return {"input_ids": self.tokenizer(text)["input_ids"], "prompt": p}
-
-
-class LeftPadCollator:
-    """Left-pads prompts so generation continues each one from its last token."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        ids = [r["input_ids"] for r in rows]
-        return {
-            "input_ids": pad(ids, self.pad_id, left=True),
-            "attention_mask": pad([[1] * len(x) for x in ids], 0, left=True),
-            "prompt": [r["prompt"] for r in rows],
-        }
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a ``.jsonl`` file (a ``prompt`` field per line) or a text file (one prompt per line)."""
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("data.predict_file", f"no such file: {path}")
-    prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError("data.predict_file", f"{path}, line {n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError("data.predict_file", f"{path}, line {n}: needs a text field 'prompt'")
-            prompts.append(row["prompt"])
-        else:
-            prompts.append(line)
-    if not prompts:
-        raise ConfigError("data.predict_file", f"{path} holds no prompt")
-    return prompts
-
-
-def mix_order(lengths: list[int], repeats: list[int], seed: int) -> list[tuple[int, int]]:
-    """Every training row of every source, ``repeat`` times, shuffled once with ``seed`` (the research's mix)."""
-    order = [(s, r) for s, (n, k) in enumerate(zip(lengths, repeats, strict=True)) for _ in range(k) for r in range(n)]
-    random.Random(seed).shuffle(order)
-    return order
-
-
-def group_by_length(order: list, length_of, batch_size: int, seed: int, mega: int = 50) -> list:
-    """Reorder so each batch holds samples of similar length (less padding), keeping the mix random: sort within
-    mega-batches of ``mega * batch_size`` samples, cut into batches, shuffle the batches with ``seed``."""
-    size = mega * batch_size
-    batches = []
-    for start in range(0, len(order), size):
-        chunk = sorted(order[start : start + size], key=length_of, reverse=True)
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    random.Random(seed + 1).shuffle(batches)
-    return [x for b in batches for x in b]
+    def lengths(self) -> list[int]:
+        """Every sample's token count, in order (read from the prepared ``length`` column, not by decoding)."""
+        cols = [p["length"] for p in self.parts]
+        return [cols[s][r] for s, r in self.order]
 
 
 class FFFDataModule(L.LightningDataModule):
@@ -199,6 +64,11 @@ class FFFDataModule(L.LightningDataModule):
         num_workers: dataloader workers; batches do not depend on it.
         seed: selects random takes and shuffles the mix (the research used 12).
         group_by_length: batch samples of similar length together to cut padding (seeded).
+        packing: pack each batch's samples into one row with no padding (document-aware attention: no sample
+            sees another, and the loss of every token is the unpacked one); a batch then holds as many samples
+            as fit ``tokens_per_batch``, so an epoch has fewer, fuller steps. Validation is packed too.
+        tokens_per_batch: the token budget of a packed batch (default ``batch_size * max_seq_length``); at least
+            ``max_seq_length``, so every sample fits.
         tokenizer: tokenizer hub id or folder; ``None``: Mistral-7B's, offline.
         cache_dir: where tokenized data is cached (default ``$FFF_CACHE/data``); ``None`` with ``cache: false``
             disables the cache.
@@ -220,6 +90,8 @@ class FFFDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 12,
         group_by_length: bool = False,
+        packing: bool = False,
+        tokens_per_batch: int | None = None,
         tokenizer: str | None = None,
         cache_dir: str | None = None,
         cache: bool = True,
@@ -251,6 +123,15 @@ class FFFDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.group = group_by_length
+        self.packing = packing
+        self.tokens_per_batch = tokens_per_batch or batch_size * max_seq_length
+        if not isinstance(self.tokens_per_batch, int) or self.tokens_per_batch < max_seq_length:
+            raise ConfigError(
+                "data.tokens_per_batch",
+                f"must be an int >= max_seq_length ({max_seq_length}) so every sample fits; got {tokens_per_batch!r}",
+            )
+        if packing and group_by_length:
+            log.warning("data.group_by_length has no effect with packing: packed batches hold no padding")
         self.tokenizer_name = tokenizer
         self.cache_dir = cache_dir
         self.cache = cache
@@ -300,7 +181,7 @@ class FFFDataModule(L.LightningDataModule):
         self.prepared = self._prepare_all()
         parts = [p.train for p in self.prepared]
         order = mix_order([len(p) for p in parts], [p.source.repeat for p in self.prepared], self.seed)
-        if self.group:
+        if self.group and not self.packing:
             lengths = [p["length"] for p in parts]
             order = group_by_length(order, lambda x: lengths[x[0]][x[1]], self.batch_size, self.seed)
         self.train_set = TokenizedRows(parts, order)
@@ -308,15 +189,25 @@ class FFFDataModule(L.LightningDataModule):
             TokenizedRows([p.val], [(0, r) for r in range(len(p.val))]) for p in self.prepared if p.val is not None
         ]
         self.val_names = [p.source.name for p in self.prepared if p.val is not None]
+        self.train_batches = self._plan(self.train_set, self.seed)
+        self.val_batches = [self._plan(ds, None) for ds in self.val_sets]
         self.summary = self._summarise()
         self._print_summary()
 
+    def _plan(self, ds: TokenizedRows, seed: int | None) -> list[list[int]] | None:
+        """Packed batches (lists of sample indices) of at most ``tokens_per_batch`` tokens; ``None`` unpacked."""
+        return pack_batches(ds.lengths(), self.tokens_per_batch, seed) if self.packing else None
+
     # -- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, ds: Dataset, batch_size: int, skip: int = 0, collate=None) -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, skip: int = 0, collate=None, plan=None) -> DataLoader:
         # The order is fixed in setup(), so batches do not depend on workers or processes.
+        if plan is not None:
+            sampler, collate = PlannedBatchSampler(plan, skip=skip), PackCollator()
+        else:
+            sampler = ResumableBatchSampler(SequentialSampler(ds), batch_size, skip=skip)
         return ResumableLoader(
             ds,
-            batch_sampler=ResumableBatchSampler(SequentialSampler(ds), batch_size, skip=skip),
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate or PadCollator(self.tokenizer.pad_token_id),
             persistent_workers=self.num_workers > 0,
@@ -324,10 +215,15 @@ class FFFDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         skip, self._skip = self._skip, 0
-        return self._loader(self.train_set, self.batch_size, skip=skip)
+        return self._loader(self.train_set, self.batch_size, skip=skip, plan=self.train_batches)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set, self.val_batch_size, collate=LeftPadCollator(self.tokenizer.pad_token_id))
+
+    def train_batches_per_epoch(self) -> int:
+        if self.train_batches is not None:
+            return len(self.train_batches)
+        return -(-len(self.train_set) // self.batch_size)
 
     def state_dict(self) -> dict:
         """Saved in Lightning checkpoints: how many batches of the current epoch were trained on."""
@@ -335,15 +231,19 @@ class FFFDataModule(L.LightningDataModule):
         if trainer is None or not hasattr(self, "train_set"):
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        per_epoch = math.ceil(len(self.train_set) / self.batch_size)
-        return {"batches_done_in_epoch": done % per_epoch, "seed": self.seed, "train_samples": len(self.train_set)}
+        return {
+            "batches_done_in_epoch": done % self.train_batches_per_epoch(),
+            "seed": self.seed,
+            "train_samples": len(self.train_set),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._skip = int(state.get("batches_done_in_epoch", 0))
 
     def val_dataloader(self) -> list[DataLoader]:
         """One dataloader per dataset, in the order of ``val_names``."""
-        return [self._loader(ds, self.val_batch_size) for ds in self.val_sets]
+        pairs = zip(self.val_sets, self.val_batches, strict=True)
+        return [self._loader(ds, self.val_batch_size, plan=plan) for ds, plan in pairs]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
@@ -354,7 +254,8 @@ class FFFDataModule(L.LightningDataModule):
         slots = [0] * len(self.prepared)
         lengths = [p.train["length"] for p in self.prepared]
         order = self.train_set.order
-        for start in range(0, len(order), self.batch_size):
+        # Packed rows hold no padding at all (padding share 0); padded batches pad to their longest sample.
+        for start in range(0, len(order) if not self.packing else 0, self.batch_size):
             batch = order[start : start + self.batch_size]
             longest = max(lengths[s][r] for s, r in batch)
             for s, r in batch:
@@ -386,7 +287,14 @@ class FFFDataModule(L.LightningDataModule):
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"data: {len(self.train_set):,} training samples, seed {self.seed}", title_justify="left")
+        n_batches = self.train_batches_per_epoch()
+        if self.packing:
+            fill = sum(r["train_tokens"] for r in self.summary) / (n_batches * self.tokens_per_batch)
+            batching = f"packed into {n_batches:,} batches of <= {self.tokens_per_batch:,} tokens ({fill:.1%} full)"
+        else:
+            batching = f"in {n_batches:,} batches of {self.batch_size}"
+        title = f"data: {len(self.train_set):,} training samples {batching}, seed {self.seed}"
+        table = Table(title=title, title_justify="left")
         heads = ["dataset", "train rows", "x", "train samples", "train tokens", "truncated", "padding", "val rows"]
         for h in [*heads, "val samples", "val tokens", "val seen in training", "cache"]:
             table.add_column(h, justify="left" if h == "dataset" else "right")

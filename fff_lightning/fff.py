@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fff_lightning.errors import ConfigError
@@ -176,7 +177,7 @@ class FFFConfig:
 
 
 class RMSNorm(nn.Module):
-    """Mistral's RMSNorm, computed in float32 like the base model's own."""
+    """Mistral's RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)``, one fused kernel where PyTorch has one."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -184,10 +185,49 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+_ACTIVATIONS: dict[str, nn.Module] = {}
+
+
+def shared_activation(name: str) -> nn.Module:
+    """One activation module per name, shared by every sub-layer: a compiled FFF stack then guards on the same
+    object in every layer instead of recompiling once per sub-layer (``ACT2FN`` builds a new one per call)."""
+    if name not in _ACTIVATIONS:
+        from transformers.activations import ACT2FN
+
+        _ACTIVATIONS[name] = ACT2FN[name]
+    return _ACTIVATIONS[name]
+
+
+def fff_stack(h: torch.Tensor, weights: list[tuple[torch.Tensor, ...]], acts: tuple, eps: float) -> torch.Tensor:
+    """``x_{k+1} = x_k + d_k(act_k(g_k(n)) * u_k(n))`` with ``n = RMSNorm_k(x_k)``, for every sub-layer ``k``.
+
+    ``weights[k]`` is ``(norm, g_proj, u_proj, d_proj)``. The gate and up halves run as one matmul (one read of
+    ``n`` instead of two). A plain function of tensors, so ``torch.compile`` can fuse the norm, the casts, the
+    activation and the residual into a few kernels, one graph for every layer of the same shape.
+    """
+    for w, act in zip(weights, acts, strict=True):
+        h = h + sublayer_delta(h, *w, act, eps)
+    return h
+
+
+def sublayer_delta(h, norm_w, g_w, u_w, d_w, act, eps: float) -> torch.Tensor:
+    """One sub-layer's output before the residual add."""
+    n = F.rms_norm(h, (h.shape[-1],), norm_w, eps)  # (B, T, d)
+    g, u = F.linear(n, torch.cat((g_w, u_w))).split(g_w.shape[0], dim=-1)  # (B, T, w) each
+    return F.linear(act(g) * u, d_w)  # (B, T, d)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_fff_stack():
+    """``fff_stack`` under ``torch.compile`` (built once per process; shapes may vary, e.g. packed rows)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(fff_stack, dynamic=None)
+    return _COMPILED["fn"]
 
 
 class FFFSublayer(nn.Module):
@@ -195,17 +235,18 @@ class FFFSublayer(nn.Module):
 
     def __init__(self, dim: int, width: int, activation: str, eps: float):
         super().__init__()
-        from transformers.activations import ACT2FN
-
         self.norm = RMSNorm(dim, eps)
         self.g_proj = nn.Linear(dim, width, bias=False)
         self.u_proj = nn.Linear(dim, width, bias=False)
         self.d_proj = nn.Linear(width, dim, bias=False)
-        self.act = ACT2FN[activation]
+        self.act = shared_activation(activation)
+
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.norm.weight, self.g_proj.weight, self.u_proj.weight, self.d_proj.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        n = self.norm(h)  # (B, T, d)
-        return self.d_proj(self.act(self.g_proj(n)) * self.u_proj(n))  # (B, T, w) -> (B, T, d)
+        """The sub-layer's delta (without the residual)."""
+        return sublayer_delta(h, *self.weights(), self.act, self.norm.eps)
 
     def reset_parameters(self, init: str, std: float) -> None:
         nn.init.ones_(self.norm.weight)
@@ -220,6 +261,9 @@ class FFFLinear(nn.Module):
 
     Exposes no ``.weight`` on purpose: Unsloth's fused MLP kernels read ``up_proj.weight`` directly and would
     bypass the adapter; without it, Unsloth falls back to calling the module.
+
+    ``compiled`` runs the stack through ``torch.compile`` (see :func:`compiled_fff_stack`); the result is the same
+    function, computed with fewer kernels.
     """
 
     def __init__(self, base_proj: nn.Module, dim: int, cfg: FFFConfig, eps: float):
@@ -233,12 +277,20 @@ class FFFLinear(nn.Module):
         for block in self.fff_blocks:
             block.reset_parameters(cfg.init, cfg.init_std)
         self.fff_blocks.to(device=device, dtype=dtype)
+        self.eps = eps
+        self.compiled = False
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """``x_N``: the input the wrapped projection sees, in ``x``'s dtype."""
+        blocks = self.fff_blocks
+        run = compiled_fff_stack() if self.compiled else fff_stack
+        h = run(
+            x.to(blocks[0].norm.weight.dtype), [b.weights() for b in blocks], tuple(b.act for b in blocks), self.eps
+        )
+        return h.to(x.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        h = x.to(self.fff_blocks[0].norm.weight.dtype)
-        for block in self.fff_blocks:
-            h = h + block(h)
-        return self.base_proj(h.to(x.dtype), *args, **kwargs)
+        return self.base_proj(self.transform(x), *args, **kwargs)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -8,7 +8,8 @@ Backends:
 * ``unsloth``: Unsloth's ``FastLanguageModel`` in 4-bit (GPU only; Unsloth is imported on this path alone).
 * ``auto``: ``unsloth`` when CUDA and Unsloth are present, else ``hf``.
 
-Nothing else in the project imports Unsloth or bitsandbytes.
+Nothing else in the project imports Unsloth or bitsandbytes, except :mod:`fff_lightning.unsloth_mlp`, which this
+module calls on the unsloth backend.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from fff_lightning.adapters import load_adapters, mark_only_adapters_trainable, read_adapter_config
 from fff_lightning.errors import ConfigError
-from fff_lightning.fff import FFFConfig, inject_fff, parse_layers
+from fff_lightning.fff import FFFConfig, FFFLinear, decoder_layers, inject_fff, parse_layers
 from fff_lightning.lora import LoRAConfig, apply_lora
 from fff_lightning.tokenizer import cache_dir, load_tokenizer, write_atomically
 
@@ -72,7 +73,16 @@ class BaseModelConfig:
         load_in_4bit: bitsandbytes nf4 with double quantisation (``hf``) or Unsloth's 4-bit load.
         dtype: compute dtype: ``auto`` is bf16 on GPUs that support it, else float32.
         max_seq_length: longest sequence the run will use (Unsloth sizes its RoPE cache from it).
-        gradient_checkpointing: recompute activations in backward to save memory.
+        gradient_checkpointing: recompute activations in backward to save memory (on Mistral-7B at 3 x 2048:
+            about 5.8 instead of 26 GiB, at 0.7x the speed; see docs/benchmarks.md).
+        checkpoint_layers: with gradient checkpointing, how many decoder layers (the first ones) recompute; the
+            others keep their activations, trading memory for speed (about 0.65 GiB per layer at 3 x 2048 with
+            LoRA, 0.8 with step 2's adapters). ``None``: all layers.
+        compile_fff: run each FFF stack through ``torch.compile`` (fewer, fused kernels; compiles once, in
+            seconds, on the first step); ``None``: on CUDA GPUs only.
+        fuse_fff_mlp: on the unsloth backend with LoRA, run the MLPs that carry FFF with Unsloth's fused LoRA
+            matmuls (:mod:`fff_lightning.unsloth_mlp`) instead of PEFT's modules: measured the same speed and
+            0.2 GiB less memory on step 2; off until its gradients are checked against PEFT's on a GPU.
         tokenizer: tokenizer hub id or folder; default: the model's own (``tiny``: Mistral-7B's).
         tiny: sizes of the ``tiny`` model.
     """
@@ -83,6 +93,9 @@ class BaseModelConfig:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_seq_length: int = 2048
     gradient_checkpointing: bool = True
+    checkpoint_layers: int | None = None
+    compile_fff: bool | None = None
+    fuse_fff_mlp: bool = False
     tokenizer: str | None = None
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
@@ -91,6 +104,9 @@ class BaseModelConfig:
             raise ConfigError("base.backend", f"unknown backend {self.backend!r}; allowed: auto, tiny, hf, unsloth")
         if self.max_seq_length <= 0:
             raise ConfigError("base.max_seq_length", f"must be positive; got {self.max_seq_length}")
+        k = self.checkpoint_layers
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ConfigError("base.checkpoint_layers", f"must be an int >= 0 or null (all layers); got {k!r}")
         t = self.tiny
         for k, v in asdict(t).items():
             if k == "initializer_range":
@@ -241,10 +257,21 @@ def _load_unsloth(path: str, cfg: BaseModelConfig, dtype: torch.dtype):
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
-    # use_reentrant=False lets gradients reach adapters even though the frozen inputs do not require grad.
+    # use_reentrant=False lets gradients reach adapters even though the frozen inputs do not require grad. So no
+    # enable_input_require_grads(): it would make backward run down to the embeddings even when the first adapter
+    # sits in layer 13 (FFF on layers 13-19 only needs layers 13-31's backward).
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
     model.config.use_cache = False
+
+
+def checkpoint_first_layers(model: nn.Module, k: int) -> int:
+    """Keep gradient checkpointing on the first ``k`` decoder layers only (transformers and Unsloth read each
+    layer's own flag); returns how many layers checkpoint."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if i >= k and hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = False
+    return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
 
 
 def build_model(
@@ -291,6 +318,10 @@ def build_model(
         if seed is not None:
             torch.manual_seed(seed)
         wrapped = inject_fff(model, fff, shape.hidden_size, shape.rms_norm_eps) if fff is not None else []
+        compiled = torch.cuda.is_available() if base.compile_fff is None else base.compile_fff
+        for m in model.modules():
+            if isinstance(m, FFFLinear):
+                m.compiled = compiled
         if lora is not None:
             if backend == "unsloth":
                 from unsloth import FastLanguageModel
@@ -302,10 +333,18 @@ def build_model(
                     use_gradient_checkpointing=gc,
                     random_state=seed if seed is not None else 3407,
                 )
+                if wrapped and base.fuse_fff_mlp:
+                    from fff_lightning.unsloth_mlp import fuse_fff_mlps
+
+                    fused = fuse_fff_mlps(model)
+                    log.info("FFF layers %s run Unsloth's fused LoRA matmuls", fused)
             else:
                 model = apply_lora(model, lora, shape.num_hidden_layers, wrapped)
     if base.gradient_checkpointing and not (backend == "unsloth" and lora is not None):
         _enable_checkpointing(model)
+    if base.gradient_checkpointing and base.checkpoint_layers is not None:
+        n = checkpoint_first_layers(model, base.checkpoint_layers)
+        log.info("gradient checkpointing on the first %d of %d decoder layers", n, shape.num_hidden_layers)
     mark_only_adapters_trainable(model)
     if adapter_path is not None:
         load_adapters(model, adapter_path)

@@ -22,6 +22,7 @@ commands:
   predict    answer prompts from a file:   predict --config <run.yaml> --model.adapter_path <dir>
                                            --data.predict_file prompts.jsonl
   budget     trainable parameters of a run config, and --match for a fair comparison
+  bench      tokens/s and peak memory of fit against bare Unsloth/PEFT loops (GPU; a smoke test on CPU)
 
 `python -m fff_lightning <command> --help` lists a command's options.
 """
@@ -215,6 +216,14 @@ def main(argv: list[str] | None = None) -> None:
             from fff_lightning import budget_cli
 
             budget_cli.main(rest)
+        elif command == "bench":
+            from fff_lightning.loading import preimport_unsloth
+
+            if not any(a in ("-h", "--help") for a in rest):
+                preimport_unsloth()  # before fff_lightning.bench imports Lightning, which imports transformers
+            from fff_lightning import bench
+
+            bench.main(rest)
         elif command in LIGHTNING_COMMANDS:
             run_lightning(None if argv == sys.argv[1:] else [command, *rest])
         else:

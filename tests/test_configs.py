@@ -48,6 +48,14 @@ def test_gpu_smoke_overlay_stacks_on_step2(monkeypatch):
     assert cli.model.fff.width == 128
 
 
+def test_packed_overlay_stacks_on_both_step2_configs(monkeypatch):
+    monkeypatch.chdir(CONFIGS[0].parent.parent)
+    for run in ("configs/step2.yaml", "configs/step2_lora.yaml"):
+        dm = check_config_stack([run, "configs/overlays/packed.yaml"]).datamodule
+        assert dm.packing and dm.tokens_per_batch == 3 * 2048 and dm.batch_size == 3
+        assert not check_config_stack([run]).datamodule.packing  # the research's configs stay padded
+
+
 def check_config_stack(paths):
     from fff_lightning.cli import check_config
 

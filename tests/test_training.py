@@ -111,19 +111,21 @@ def only_run_of(cli) -> Path:
     return Path(cli.trainer.log_dir)
 
 
-def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, packing):
     every4 = [
         "--trainer.callbacks+=ModelCheckpoint",
         "--trainer.callbacks.every_n_train_steps=4",
         "--trainer.callbacks.save_top_k=-1",
+        *(["--data.packing", "true", "--data.tokens_per_batch", "1024"] if packing else []),
     ]
     full = run_lightning(fit_args(tmp_path / "full", *every4, steps=8))
     full_losses = scalars(Path(full.trainer.log_dir), "train/loss")
     ckpt = next(Path(full.trainer.log_dir, "checkpoints").glob("*step=4.ckpt"))
-    resumed = run_lightning(fit_args(tmp_path / "resumed", "--ckpt_path", str(ckpt), steps=8))
+    resumed = run_lightning(fit_args(tmp_path / "resumed", "--ckpt_path", str(ckpt), *every4[3:], steps=8))
     resumed_losses = scalars(Path(resumed.trainer.log_dir), "train/loss")
     steps = sorted(full_losses)
-    assert len(steps) == 8 and sorted(resumed_losses) == steps[4:]  # mid-epoch: an epoch is 32 batches
+    assert len(steps) == 8 and sorted(resumed_losses) == steps[4:]  # mid-epoch: an epoch is 32 (packed: 24) batches
     assert [resumed_losses[s] for s in steps[4:]] == [full_losses[s] for s in steps[4:]]
     fff = lambda cli: next(p for n, p in cli.model.model.named_parameters() if ".fff_blocks.1.d_proj" in n)  # noqa: E731
     assert torch.equal(fff(full), fff(resumed))

@@ -7,14 +7,13 @@ An adapter file is a folder with ``adapter_model.safetensors`` (adapter tensors 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fff_lightning.errors import ConfigError
-from fff_lightning.fff import FFF_PREFIX
+from fff_lightning.spec import FFF_PREFIX, AdapterSpec
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "fff_adapter_config.json"
@@ -81,8 +80,7 @@ def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, bas
     counts = count_parameters(model)
     config = {
         "format_version": 1,
-        "fff": asdict(fff) if fff is not None else None,
-        "lora": asdict(lora) if lora is not None else None,
+        **AdapterSpec(fff, lora).to_dict(),
         "base_model": base or {},
         "parameters": {k: counts[k] for k in (*ADAPTER_KINDS, "trainable")},
     }

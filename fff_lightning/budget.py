@@ -9,50 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
-from fff_lightning.adapters import count_parameters
 from fff_lightning.errors import ConfigError
-from fff_lightning.fff import FFFConfig, inject_fff
-from fff_lightning.loading import BaseModelConfig, check_adapters, model_shape
-from fff_lightning.lora import LoRAConfig, apply_lora
+from fff_lightning.spec import AdapterSpec, BaseModelConfig, Budget, FFFConfig, LoRAConfig
 
-
-@dataclass
-class Budget:
-    """Parameter counts of one run: ``fff``, ``lora``, ``trainable`` and ``base`` (the unquantised base model)."""
-
-    fff: int
-    lora: int
-    base: int
-
-    @property
-    def trainable(self) -> int:
-        return self.fff + self.lora
-
-    @property
-    def share(self) -> float:
-        """Trainable parameters as a fraction of the base model's."""
-        return self.trainable / self.base
+__all__ = ["Budget", "Match", "count_budget", "match_fff_width", "match_lora_rank", "run_budget"]
 
 
 def count_budget(shape, fff: FFFConfig | None, lora: LoRAConfig | None) -> Budget:
     """Count the adapters of a run on a meta-device model of ``shape`` (a ``transformers`` config)."""
-    from transformers import AutoModelForCausalLM
-
-    check_adapters(shape, fff, lora)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(shape)
-    base = sum(p.numel() for p in model.parameters())
-    wrapped = inject_fff(model, fff, shape.hidden_size, shape.rms_norm_eps) if fff is not None else []
-    if lora is not None:
-        model = apply_lora(model, lora, shape.num_hidden_layers, wrapped)
-    counts = count_parameters(model)
-    return Budget(fff=counts["fff"], lora=counts["lora"], base=base)
+    return AdapterSpec(fff, lora).count(shape)
 
 
 def run_budget(base: BaseModelConfig, fff: FFFConfig | None, lora: LoRAConfig | None) -> Budget:
-    return count_budget(model_shape(base), fff, lora)
+    return count_budget(base.shape(), fff, lora)
 
 
 @dataclass

@@ -13,167 +13,15 @@ Only ``P`` sees the transformed input; the other MLP projections still see ``x``
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fff_lightning.errors import ConfigError
+from fff_lightning.spec import FFF_PREFIX, FFF_TARGETS, INNER, FFFConfig, parse_layers
 
-#: Projections of a Mistral/Llama MLP whose input FFF may transform.
-FFF_TARGETS = ("up_proj", "gate_proj")
-#: Every FFF parameter name contains this; :mod:`fff_lightning.adapters` relies on it.
-FFF_PREFIX = "fff_blocks"
-#: Name of the wrapped projection inside :class:`FFFLinear` (not ``base_layer``: PEFT would take the wrapper
-#: for one of its own layers).
-INNER = "base_proj"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def activation_names() -> list[str]:
-    from transformers.activations import ACT2FN
-
-    return sorted(ACT2FN.keys())
-
-
-def parse_layers(
-    spec: str | int | list[int] | None, n_layers: int | None = None, field_name: str = "layers"
-) -> list[int]:
-    """Turn ``"all"``, ``"13-19"``, ``"0,2,5-7"``, ``7`` or ``[13, 14]`` into a sorted list of layer indices.
-
-    Ranges are inclusive, as people say them ("layers 13-19" is seven layers). With ``n_layers`` the indices
-    are checked against the model and ``"all"`` is expanded.
-    """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        if n_layers is None:
-            raise ConfigError(field_name, '"all" needs the model\'s number of layers')
-        return list(range(n_layers))
-    if isinstance(spec, bool):
-        raise ConfigError(field_name, f"expected 'all', a range like '13-19', or a list of ints; got {spec!r}")
-    if isinstance(spec, int):
-        items: list[int] = [spec]
-    elif isinstance(spec, str):
-        items = []
-        for part in spec.split(","):
-            part = part.strip()
-            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-            if m:
-                lo, hi = int(m.group(1)), int(m.group(2))
-                if lo > hi:
-                    raise ConfigError(field_name, f"range {part!r} runs backwards")
-                items.extend(range(lo, hi + 1))
-            elif re.fullmatch(r"\d+", part):
-                items.append(int(part))
-            else:
-                raise ConfigError(field_name, f"cannot read {part!r}: use 'all', '13-19', '0,2,5-7' or a list of ints")
-    else:
-        items = [int(i) for i in spec]
-    if not items:
-        raise ConfigError(field_name, "selects no layer")
-    if any(i < 0 for i in items):
-        raise ConfigError(field_name, f"layer indices must be >= 0; got {sorted(items)}")
-    if n_layers is not None and max(items) >= n_layers:
-        bad = sorted(i for i in set(items) if i >= n_layers)
-        raise ConfigError(
-            field_name, f"layer(s) {bad} do not exist: the model has {n_layers} layers (0-{n_layers - 1})"
-        )
-    return sorted(set(items))
-
-
-@dataclass
-class FFFConfig:
-    """What FFF adapter to build.
-
-    Attributes:
-        n_sublayers: number of gated MLP sub-layers stacked on each wrapped projection's input.
-        width: hidden width of each sub-layer: one int for all, or one per sub-layer.
-        activation: any ``transformers.activations.ACT2FN`` name (``silu``, ``gelu_new``, ``sigmoid``,
-            ``laplace``...): one for all, or one per sub-layer.
-        targets: which MLP projection(s) get an FFF stack on their input: ``up_proj``, ``gate_proj`` or both.
-        layers: decoder layers to adapt: ``"all"``, a range like ``"13-19"`` (inclusive), ``"0,2,5-7"``, or a
-            list of ints.
-        init: ``normal`` is the research's init (every projection N(0, std), norms 1: step 0 already differs
-            from the base model); ``identity`` zeroes each sub-layer's ``d_proj`` so step 0 equals the base model.
-        init_std: standard deviation of the normal init.
-        dtype: dtype of the adapter's weights (``float32`` or ``bfloat16``); the output keeps the input's dtype.
-        eps: epsilon of the sub-layers' RMSNorm; ``None`` takes the base model's ``rms_norm_eps``.
-    """
-
-    n_sublayers: int = 6
-    width: int | list[int] = 128
-    activation: str | list[str] = "gelu_new"
-    targets: list[str] = field(default_factory=lambda: ["up_proj"])
-    layers: str | int | list[int] = "all"
-    init: Literal["normal", "identity"] = "identity"
-    init_std: float = 0.02
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    eps: float | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def widths(self) -> list[int]:
-        return list(self.width) if isinstance(self.width, (list, tuple)) else [self.width] * self.n_sublayers
-
-    def activations(self) -> list[str]:
-        a = self.activation
-        return list(a) if isinstance(a, (list, tuple)) else [a] * self.n_sublayers
-
-    def target_list(self) -> list[str]:
-        return [self.targets] if isinstance(self.targets, str) else list(self.targets)
-
-    def validate(self) -> None:
-        """Check every field; raise :class:`ConfigError` naming the first bad one."""
-        if not isinstance(self.n_sublayers, int) or isinstance(self.n_sublayers, bool) or self.n_sublayers <= 0:
-            raise ConfigError("fff.n_sublayers", f"must be a positive int; got {self.n_sublayers!r}")
-        widths = self.widths()
-        if len(widths) != self.n_sublayers:
-            raise ConfigError(
-                "fff.width",
-                f"gives {len(widths)} widths for {self.n_sublayers} sub-layers: give one int, or one per sub-layer",
-            )
-        if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
-            raise ConfigError("fff.width", f"widths must be positive ints; got {self.width!r}")
-        acts = self.activations()
-        if len(acts) != self.n_sublayers:
-            raise ConfigError(
-                "fff.activation",
-                f"gives {len(acts)} activations for {self.n_sublayers} sub-layers: give one name, or one per sub-layer",
-            )
-        known = activation_names()
-        for a in acts:
-            if a not in known:
-                raise ConfigError("fff.activation", f"unknown activation {a!r}; allowed: {', '.join(known)}")
-        targets = self.target_list()
-        if not targets:
-            raise ConfigError("fff.targets", f"name at least one of {', '.join(FFF_TARGETS)}")
-        for t in targets:
-            if t not in FFF_TARGETS:
-                raise ConfigError("fff.targets", f"unknown projection {t!r}; allowed: {', '.join(FFF_TARGETS)}")
-        if len(set(targets)) != len(targets):
-            raise ConfigError("fff.targets", f"lists a projection twice: {targets}")
-        if not (isinstance(self.layers, str) and self.layers.strip().lower() == "all"):
-            parse_layers(self.layers, None, "fff.layers")  # syntax only; the model's depth is checked on injection
-        if self.init not in ("normal", "identity"):
-            raise ConfigError("fff.init", f"unknown init {self.init!r}; allowed: normal, identity")
-        if self.dtype not in DTYPES:
-            raise ConfigError("fff.dtype", f"unknown dtype {self.dtype!r}; allowed: float32, bfloat16")
-        if not self.init_std > 0:
-            raise ConfigError("fff.init_std", f"must be > 0; got {self.init_std!r}")
-
-    def n_params(self, hidden_size: int, n_layers: int) -> int:
-        """Closed-form parameter count: ``sum_k (3*d*w_k + d)`` per wrapped projection."""
-        per_stack = sum(3 * hidden_size * w + hidden_size for w in self.widths())
-        return per_stack * len(self.target_list()) * len(parse_layers(self.layers, n_layers, "fff.layers"))
-
-    def legend(self) -> str:
-        """The research's legend style for run names, e.g. ``[128]-6-[gelu_new]-[up_proj]``."""
-        w = sorted(set(self.widths()))
-        a = sorted(set(self.activations()))
-        return f"[{','.join(map(str, w))}]-{self.n_sublayers}-[{','.join(a)}]-[{','.join(self.target_list())}]"
+__all__ = ["FFF_PREFIX", "FFF_TARGETS", "INNER", "FFFConfig", "FFFLinear", "FFFSublayer", "inject_fff", "parse_layers"]
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RMSNorm(nn.Module):
@@ -269,7 +117,7 @@ class FFFLinear(nn.Module):
     def __init__(self, base_proj: nn.Module, dim: int, cfg: FFFConfig, eps: float):
         super().__init__()
         self.base_proj = base_proj
-        dtype = DTYPES[cfg.dtype]
+        dtype = TORCH_DTYPES[cfg.dtype]
         device = _device_of(base_proj)
         self.fff_blocks = nn.ModuleList(
             FFFSublayer(dim, w, a, eps) for w, a in zip(cfg.widths(), cfg.activations(), strict=True)
@@ -320,17 +168,17 @@ def inject_fff(model: nn.Module, cfg: FFFConfig, hidden_size: int, eps: float = 
     layer or projection does not exist. Call it before LoRA (see :mod:`fff_lightning.lora`).
     """
     layers = decoder_layers(model)
-    idx = parse_layers(cfg.layers, len(layers), "fff.layers")
+    idx = parse_layers(cfg.layers, len(layers), "model.fff.layers")
     eps = cfg.eps if cfg.eps is not None else eps
     wrapped = []
     for i in idx:
         mlp = layers[i].mlp
-        for t in cfg.target_list():
+        for t in cfg.targets:
             proj = getattr(mlp, t, None)
             if proj is None:
-                raise ConfigError("fff.targets", f"decoder layer {i} has no MLP projection {t!r}")
+                raise ConfigError("model.fff.targets", f"decoder layer {i} has no MLP projection {t!r}")
             if isinstance(proj, FFFLinear):
-                raise ConfigError("fff.targets", f"layer {i} {t} already carries an FFF adapter")
+                raise ConfigError("model.fff.targets", f"layer {i} {t} already carries an FFF adapter")
             setattr(mlp, t, FFFLinear(proj, hidden_size, cfg, eps))
             wrapped.append(f"layers.{i}.mlp.{t}")
     return wrapped

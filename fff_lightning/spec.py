@@ -1,0 +1,512 @@
+"""What a run is made of, validated once: the base model, the FFF and LoRA adapters, and which adapters a run has.
+
+This module imports no heavy library (torch, transformers, PEFT load only inside the methods that need them), so
+configs can be read, checked, named and counted in a second, before any weight or data is touched. Every
+entry point asks it: the LightningModule, ``budget``, the callbacks, run naming, adapter files and checkpoints.
+The dataclasses check themselves in ``__post_init__``, so the Python API and the command line refuse the same
+values with the same message, naming the field as it is written in a YAML config (``model.fff.width``).
+
+:class:`AdapterSpec` is "which adapters this run has": read from a config, an adapter folder or a checkpoint;
+its legend names the run; :meth:`AdapterSpec.check` tests it against a model's shape; :meth:`AdapterSpec.count`
+counts it on the meta device; :meth:`AdapterSpec.apply` puts it on a loaded model, in the one order that works
+everywhere (FFF, then LoRA on the wrapped projections' inner layer, then the one trainable filter).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fff_lightning.errors import ConfigError
+
+#: Projections of a Mistral/Llama MLP whose input FFF may transform.
+FFF_TARGETS = ("up_proj", "gate_proj")
+#: Every FFF parameter name contains this; :mod:`fff_lightning.adapters` relies on it.
+FFF_PREFIX = "fff_blocks"
+#: Name of the wrapped projection inside an FFF wrapper (not ``base_layer``: PEFT would take the wrapper for one
+#: of its own layers).
+INNER = "base_proj"
+FFF_INITS = ("normal", "identity")
+FFF_DTYPES = ("float32", "bfloat16", "float16")
+#: The seven linear modules of a Mistral decoder layer; the research put LoRA on all of them.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The research's LoRA presets: (rank, alpha). ``lora``/``lora2`` come from its step-1 sweeps, ``r24`` is the LoRA
+#: beside FFF in step 2, ``r46`` the LoRA-only baseline of about the same budget.
+LORA_PRESETS: dict[str, tuple[int, float]] = {"lora": (16, 8), "lora2": (32, 16), "r24": (24, 12), "r46": (46, 23)}
+BACKENDS = ("auto", "tiny", "hf", "unsloth")
+BASE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+MISTRAL_7B = "mistralai/Mistral-7B-v0.1"
+#: Hub ids whose shape is Mistral-7B-v0.1's (``MistralConfig()`` defaults), known offline for budgets.
+KNOWN_7B = {
+    "mistralai/mistral-7b-v0.1",
+    "mistralai/mistral-7b-instruct-v0.1",
+    "mistralai/mistral-7b-instruct-v0.2",
+    "unsloth/mistral-7b",
+    "unsloth/mistral-7b-bnb-4bit",
+    "unsloth/mistral-7b-v0.1-bnb-4bit",
+    "unsloth/mistral-7b-instruct-v0.2-bnb-4bit",
+}
+
+
+def choice(name: str, value, allowed) -> None:
+    """Refuse ``value`` unless it is one of ``allowed``, naming the field and every allowed value."""
+    if value not in allowed:
+        raise ConfigError(name, f"unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(name, f"must be a positive int; got {value!r}")
+
+
+def is_all(spec) -> bool:
+    return spec is None or (isinstance(spec, str) and spec.strip().lower() == "all")
+
+
+def parse_layers(
+    spec: str | int | list[int] | None, n_layers: int | None = None, field_name: str = "layers"
+) -> list[int]:
+    """Turn ``"all"``, ``"13-19"``, ``"0,2,5-7"``, ``7`` or ``[13, 14]`` into a sorted list of layer indices.
+
+    Ranges are inclusive, as people say them ("layers 13-19" is seven layers). With ``n_layers`` the indices
+    are checked against the model and ``"all"`` is expanded.
+    """
+    if is_all(spec):
+        if n_layers is None:
+            raise ConfigError(field_name, '"all" needs the model\'s number of layers')
+        return list(range(n_layers))
+    if isinstance(spec, bool):
+        raise ConfigError(field_name, f"expected 'all', a range like '13-19', or a list of ints; got {spec!r}")
+    if isinstance(spec, int):
+        items: list[int] = [spec]
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if lo > hi:
+                    raise ConfigError(field_name, f"range {part!r} runs backwards")
+                items.extend(range(lo, hi + 1))
+            elif re.fullmatch(r"\d+", part):
+                items.append(int(part))
+            else:
+                raise ConfigError(field_name, f"cannot read {part!r}: use 'all', '13-19', '0,2,5-7' or a list of ints")
+    else:
+        items = [int(i) for i in spec]
+    if not items:
+        raise ConfigError(field_name, "selects no layer")
+    if any(i < 0 for i in items):
+        raise ConfigError(field_name, f"layer indices must be >= 0; got {sorted(items)}")
+    if n_layers is not None and max(items) >= n_layers:
+        bad = sorted(i for i in set(items) if i >= n_layers)
+        raise ConfigError(
+            field_name, f"layer(s) {bad} do not exist: the model has {n_layers} layers (0-{n_layers - 1})"
+        )
+    return sorted(set(items))
+
+
+def activation_names() -> list[str]:
+    from transformers.activations import ACT2FN  # the only heavy import a config check makes, and only for FFF
+
+    return sorted(ACT2FN.keys())
+
+
+# -- the base model ----------------------------------------------------------------------------------------------
+@dataclass
+class TinyConfig:
+    """Sizes of the random-weight Mistral used on CPUs (tests, quickstart). Vocabulary: Mistral's 32,000."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    #: Larger than Mistral's 0.02 so the random output layer can express a next-token distribution that adapters
+    #: (which cannot rescale logits after the final norm) visibly learn on a CPU quickstart.
+    initializer_range: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for k, v in asdict(self).items():
+            if k == "initializer_range":
+                if not v > 0:
+                    raise ConfigError("model.base.tiny.initializer_range", f"must be > 0; got {v!r}")
+            elif k != "seed":
+                positive_int(f"model.base.tiny.{k}", v)
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                "model.base.tiny", "hidden_size must divide by num_attention_heads, and that by num_key_value_heads"
+            )
+
+
+@dataclass
+class BaseModelConfig:
+    """Which base model to load and how.
+
+    Attributes:
+        backend: ``auto`` (``unsloth`` when CUDA and Unsloth are present, else ``hf``), ``tiny`` (a random
+            Mistral of ``tiny``'s sizes, for CPUs), ``hf`` (transformers, bitsandbytes nf4 in 4-bit) or
+            ``unsloth`` (Unsloth's 4-bit load and kernels; GPU only).
+        name_or_path: hub id or local folder (``hf``/``unsloth``); ignored by ``tiny``.
+        load_in_4bit: bitsandbytes nf4 with double quantisation (``hf``) or Unsloth's 4-bit load.
+        dtype: compute dtype: ``auto`` (bf16 on GPUs that support it, else float32), ``bfloat16``, ``float16``
+            or ``float32``.
+        max_seq_length: longest sequence the run will use (Unsloth sizes its RoPE cache from it).
+        gradient_checkpointing: recompute activations in backward to save memory (on Mistral-7B at 3 x 2048:
+            about 5.8 instead of 26 GiB, at 0.7x the speed; see docs/benchmarks.md).
+        checkpoint_layers: with gradient checkpointing, how many decoder layers (the first ones) recompute; the
+            others keep their activations, trading memory for speed (about 0.65 GiB per layer at 3 x 2048 with
+            LoRA, 0.8 with step 2's adapters). ``None``: all layers.
+        compile_fff: run each FFF stack through ``torch.compile`` (fewer, fused kernels; compiles once, in
+            seconds, on the first step); ``None``: on CUDA GPUs only.
+        fuse_fff_mlp: on the unsloth backend with LoRA, run the MLPs that carry FFF with Unsloth's fused LoRA
+            matmuls (:mod:`fff_lightning.unsloth_mlp`) instead of PEFT's modules: measured the same speed and
+            0.2 GiB less memory on step 2; off until its gradients are checked against PEFT's on a GPU.
+        tokenizer: tokenizer hub id or folder; default: the model's own (``tiny``: Mistral-7B's).
+        tiny: sizes of the ``tiny`` model.
+    """
+
+    backend: str = "auto"
+    name_or_path: str = MISTRAL_7B
+    load_in_4bit: bool = True
+    dtype: str = "auto"
+    max_seq_length: int = 2048
+    gradient_checkpointing: bool = True
+    checkpoint_layers: int | None = None
+    compile_fff: bool | None = None
+    fuse_fff_mlp: bool = False
+    tokenizer: str | None = None
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiny, dict):
+            self.tiny = TinyConfig(**self.tiny)
+        choice("model.base.backend", self.backend, BACKENDS)
+        choice("model.base.dtype", self.dtype, BASE_DTYPES)
+        positive_int("model.base.max_seq_length", self.max_seq_length)
+        k = self.checkpoint_layers
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ConfigError("model.base.checkpoint_layers", f"must be an int >= 0 or null (all layers); got {k!r}")
+
+    def shape(self):
+        """The base model's ``transformers`` config (its shape), without loading or downloading any weight."""
+        from transformers import AutoConfig, MistralConfig
+
+        if self.backend == "tiny":
+            t = self.tiny
+            return MistralConfig(
+                vocab_size=32000,
+                hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size,
+                num_hidden_layers=t.num_hidden_layers,
+                num_attention_heads=t.num_attention_heads,
+                num_key_value_heads=t.num_key_value_heads,
+                initializer_range=t.initializer_range,
+                max_position_embeddings=32768,
+                tie_word_embeddings=False,
+            )
+        if Path(self.name_or_path).is_dir():
+            return AutoConfig.from_pretrained(self.name_or_path)
+        if self.name_or_path.lower() in KNOWN_7B:
+            return MistralConfig()  # its defaults are Mistral-7B-v0.1's shape
+        try:
+            return AutoConfig.from_pretrained(self.name_or_path)
+        except Exception as e:  # no network, unknown id, gated repo...
+            raise ConfigError(
+                "model.base.name_or_path",
+                f"cannot read the config of {self.name_or_path!r} ({type(e).__name__}); give a local folder or a "
+                f"known id such as {MISTRAL_7B}",
+            ) from e
+
+
+# -- the adapters ------------------------------------------------------------------------------------------------
+@dataclass
+class FFFConfig:
+    """What FFF adapter to build.
+
+    Attributes:
+        n_sublayers: number of gated MLP sub-layers stacked on each wrapped projection's input.
+        width: hidden width of each sub-layer: one int for all, or one per sub-layer.
+        activation: any ``transformers.activations.ACT2FN`` name (``silu``, ``gelu_new``, ``sigmoid``,
+            ``laplace``...): one for all, or one per sub-layer.
+        targets: which MLP projection(s) get an FFF stack on their input: ``up_proj``, ``gate_proj`` or both.
+        layers: decoder layers to adapt: ``"all"``, a range like ``"13-19"`` (inclusive), ``"0,2,5-7"``, or a
+            list of ints.
+        init: ``normal`` is the research's init (every projection N(0, std), norms 1: step 0 already differs
+            from the base model); ``identity`` zeroes each sub-layer's ``d_proj`` so step 0 equals the base model.
+        init_std: standard deviation of the normal init.
+        dtype: dtype of the adapter's weights (``float32``, ``bfloat16`` or ``float16``); the output keeps the
+            input's dtype.
+        eps: epsilon of the sub-layers' RMSNorm; ``None`` takes the base model's ``rms_norm_eps``.
+    """
+
+    n_sublayers: int = 6
+    width: int | list[int] = 128
+    activation: str | list[str] = "gelu_new"
+    targets: list[str] = field(default_factory=lambda: ["up_proj"])
+    layers: str | int | list[int] = "all"
+    init: str = "identity"
+    init_std: float = 0.02
+    dtype: str = "float32"
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        positive_int("model.fff.n_sublayers", self.n_sublayers)
+        widths = self.widths()
+        if len(widths) != self.n_sublayers:
+            raise ConfigError(
+                "model.fff.width",
+                f"gives {len(widths)} widths for {self.n_sublayers} sub-layers: give one int, or one per sub-layer",
+            )
+        if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
+            raise ConfigError("model.fff.width", f"widths must be positive ints; got {self.width!r}")
+        acts = self.activations()
+        if len(acts) != self.n_sublayers:
+            raise ConfigError(
+                "model.fff.activation",
+                f"gives {len(acts)} activations for {self.n_sublayers} sub-layers: give one name, or one per sub-layer",
+            )
+        known = activation_names()
+        for a in acts:
+            if a not in known:
+                raise ConfigError("model.fff.activation", f"unknown activation {a!r}; allowed: {', '.join(known)}")
+        if not self.targets:
+            raise ConfigError("model.fff.targets", f"name at least one of {', '.join(FFF_TARGETS)}")
+        for t in self.targets:
+            choice("model.fff.targets", t, FFF_TARGETS)
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError("model.fff.targets", f"lists a projection twice: {self.targets}")
+        if not is_all(self.layers):
+            parse_layers(self.layers, None, "model.fff.layers")  # syntax only; the depth is checked on a shape
+        choice("model.fff.init", self.init, FFF_INITS)
+        choice("model.fff.dtype", self.dtype, FFF_DTYPES)
+        if not self.init_std > 0:
+            raise ConfigError("model.fff.init_std", f"must be > 0; got {self.init_std!r}")
+        if self.eps is not None and not self.eps > 0:
+            raise ConfigError("model.fff.eps", f"must be > 0 or null; got {self.eps!r}")
+
+    def widths(self) -> list[int]:
+        return list(self.width) if isinstance(self.width, (list, tuple)) else [self.width] * self.n_sublayers
+
+    def activations(self) -> list[str]:
+        a = self.activation
+        return list(a) if isinstance(a, (list, tuple)) else [a] * self.n_sublayers
+
+    def n_params(self, hidden_size: int, n_layers: int) -> int:
+        """Closed-form parameter count: ``sum_k (3*d*w_k + d)`` per wrapped projection."""
+        per_stack = sum(3 * hidden_size * w + hidden_size for w in self.widths())
+        return per_stack * len(self.targets) * len(parse_layers(self.layers, n_layers, "model.fff.layers"))
+
+
+@dataclass
+class LoRAConfig:
+    """What LoRA adapter to build (PEFT ``LoraConfig`` underneath).
+
+    Attributes:
+        preset: a research preset (``lora``: r16/alpha8, ``lora2``: r32/alpha16, ``r24``: r24/alpha12,
+            ``r46``: r46/alpha23) that fills ``r`` and ``alpha``; explicit ``r``/``alpha`` override it.
+        r: rank. Without a preset and without ``r``: 16.
+        alpha: scaling numerator (PEFT ``lora_alpha``). Without a preset and without ``alpha``: ``r / 2``, the
+            research's ratio.
+        dropout: dropout on LoRA's input.
+        target_modules: which linear modules of each decoder layer get LoRA.
+        layers: decoder layers that get LoRA: ``"all"``, ``"13-19"``, ``"0,2,5-7"`` or a list of ints.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+    """
+
+    preset: str | None = None
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    layers: str | int | list[int] = "all"
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            choice("model.lora.preset", self.preset, LORA_PRESETS)
+        positive_int("model.lora.r", self.rank)
+        if not self.lora_alpha > 0:
+            raise ConfigError("model.lora.alpha", f"must be > 0; got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("model.lora.dropout", f"must be in [0, 1); got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules", f"name at least one of {', '.join(ALL_LINEAR)}")
+        for m in self.target_modules:
+            choice("model.lora.target_modules", m, ALL_LINEAR)
+        if not is_all(self.layers):
+            parse_layers(self.layers, None, "model.lora.layers")
+
+    @property
+    def rank(self) -> int:
+        if self.r is not None:
+            return self.r
+        return LORA_PRESETS[self.preset][0] if self.preset else 16
+
+    @property
+    def lora_alpha(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        if self.preset and self.r is None:
+            return LORA_PRESETS[self.preset][1]
+        return self.rank / 2
+
+
+@dataclass
+class Budget:
+    """Parameter counts of one run: ``fff``, ``lora``, ``trainable`` and ``base`` (the unquantised base model)."""
+
+    fff: int
+    lora: int
+    base: int
+
+    @property
+    def trainable(self) -> int:
+        return self.fff + self.lora
+
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a fraction of the base model's."""
+        return self.trainable / self.base
+
+
+def _as(cls, value, name: str):
+    """``value`` as a ``cls``: kept if it is one, built from a mapping (a YAML section, a saved JSON)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
+        value = value.as_dict()
+    if not isinstance(value, dict):
+        raise ConfigError(name, f"expected a mapping of {cls.__name__} fields; got {value!r}")
+    unknown = sorted(set(value) - {f for f in cls.__dataclass_fields__})
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}", f"unknown field; allowed: {', '.join(cls.__dataclass_fields__)}")
+    return cls(**value)
+
+
+@dataclass
+class AdapterSpec:
+    """Which adapters a run has: FFF, LoRA or both (never neither).
+
+    Attributes:
+        fff: the FFF adapter, or ``None``.
+        lora: the LoRA adapter, or ``None``.
+    """
+
+    fff: FFFConfig | None = None
+    lora: LoRAConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.fff, self.lora = _as(FFFConfig, self.fff, "model.fff"), _as(LoRAConfig, self.lora, "model.lora")
+        if self.fff is None and self.lora is None:
+            raise ConfigError("model", "no adapter configured: give model.fff, model.lora, or both")
+
+    # -- reading and writing ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"fff": asdict(self.fff) if self.fff else None, "lora": asdict(self.lora) if self.lora else None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterSpec:
+        return cls(data.get("fff"), data.get("lora"))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> AdapterSpec:
+        """The adapters an adapter folder (written by :func:`fff_lightning.adapters.save_adapters`) holds."""
+        from fff_lightning.adapters import read_adapter_config
+
+        return cls.from_dict(read_adapter_config(folder))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> AdapterSpec:
+        """The adapters a Lightning checkpoint of :class:`~fff_lightning.module.FFFModule` was trained with."""
+        if "fff_adapters" not in checkpoint:
+            raise ConfigError("ckpt_path", "the checkpoint was not written by fff_lightning: it names no adapters")
+        return cls.from_dict(checkpoint["fff_adapters"])
+
+    @classmethod
+    def resolve(
+        cls, fff: FFFConfig | None, lora: LoRAConfig | None, adapter_path: str | Path | None = None
+    ) -> AdapterSpec:
+        """The run's adapters from its config and, if given, a saved adapter folder, which then decides; configs
+        given beside the folder must be the folder's."""
+        if adapter_path is None:
+            return cls(fff, lora)
+        saved = cls.from_folder(adapter_path)
+        for name, mine in (("fff", _as(FFFConfig, fff, "model.fff")), ("lora", _as(LoRAConfig, lora, "model.lora"))):
+            theirs = getattr(saved, name)
+            if mine is not None and mine != theirs:
+                raise ConfigError(
+                    f"model.{name}",
+                    f"differs from the adapter folder's ({asdict(theirs) if theirs else None}); leave it out or "
+                    "match it",
+                )
+        return saved
+
+    # -- naming --------------------------------------------------------------------------------------------------
+    def legend(self) -> str:
+        """The run's name in the research's legend style: ``lora-[128]-6-[gelu_new]-[up_proj]`` (FFF + LoRA),
+        ``fff-[128]-6-[gelu_new]-[up_proj]`` (FFF alone), ``lora-r46`` (LoRA alone)."""
+        if self.fff is None:
+            return f"lora-r{self.lora.rank}"
+        f = self.fff
+        widths = ",".join(map(str, sorted(set(f.widths()))))
+        acts = ",".join(sorted(set(f.activations())))
+        return f"{'lora' if self.lora else 'fff'}-[{widths}]-{f.n_sublayers}-[{acts}]-[{','.join(f.targets)}]"
+
+    # -- against a model -----------------------------------------------------------------------------------------
+    def check(self, shape) -> None:
+        """Refuse layers the model (a ``transformers`` config) does not have, before anything is loaded."""
+        n = shape.num_hidden_layers
+        if self.fff is not None:
+            parse_layers(self.fff.layers, n, "model.fff.layers")
+        if self.lora is not None:
+            parse_layers(self.lora.layers, n, "model.lora.layers")
+
+    def count(self, shape) -> Budget:
+        """Count the adapters on a meta-device model of ``shape``: no weight is loaded or downloaded."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from fff_lightning.adapters import count_parameters
+
+        self.check(shape)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(shape)
+        base = sum(p.numel() for p in model.parameters())
+        model, _ = self.apply(model, shape)
+        counts = count_parameters(model)
+        return Budget(fff=counts["fff"], lora=counts["lora"], base=base)
+
+    def apply(self, model, shape, add_lora=None):
+        """Put the adapters on ``model`` in the one order: FFF on the targeted projections, then LoRA (naming the
+        wrapped projections' inner layer, so its delta sees FFF's output), then the one trainable filter.
+
+        Args:
+            model: a loaded (or meta-device) causal LM, after any k-bit preparation.
+            shape: its ``transformers`` config.
+            add_lora: ``(model, lora, wrapped) -> model`` that adds LoRA (the unsloth backend passes Unsloth's);
+                default: plain PEFT.
+
+        Returns:
+            ``(model, wrapped)``: the adapted model (a ``PeftModel`` with LoRA) and the FFF-wrapped modules' names.
+        """
+        from fff_lightning.adapters import mark_only_adapters_trainable
+        from fff_lightning.fff import inject_fff
+
+        self.check(shape)
+        wrapped = inject_fff(model, self.fff, shape.hidden_size, shape.rms_norm_eps) if self.fff else []
+        if self.lora is not None:
+            model = (add_lora or _peft_lora(shape))(model, self.lora, wrapped)
+        mark_only_adapters_trainable(model)
+        return model, wrapped
+
+
+def _peft_lora(shape):
+    from fff_lightning.lora import apply_lora
+
+    return lambda model, lora, wrapped: apply_lora(model, lora, shape.num_hidden_layers, wrapped)

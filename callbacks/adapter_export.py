@@ -12,6 +12,7 @@ class AdapterExport(L.Callback):
 
     Lightning's own checkpoints of this project also hold only trainable tensors (plus optimizer and loop
     state, for resuming); this export is the small file to share or load with ``validate --model.adapter_path``.
+    It asks the module to write the files (``export_adapters``), so it needs nothing else of it.
 
     Args:
         dirpath: where to write; default ``<log dir>/adapter``.
@@ -28,17 +29,8 @@ class AdapterExport(L.Callback):
         return root.with_name(root.name + suffix)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
-        from fff_lightning.adapters import save_adapters
-
-        base = {
-            "name_or_path": pl_module.base.name_or_path if pl_module.base.backend != "tiny" else "tiny",
-            "hidden_size": pl_module.shape.hidden_size,
-            "num_hidden_layers": pl_module.shape.num_hidden_layers,
-            "global_step": trainer.global_step,
-        }
         if trainer.is_global_zero:
-            save_adapters(pl_module.model, folder, pl_module.fff, pl_module.lora, base)
-            self.last = folder
+            self.last = pl_module.export_adapters(folder, global_step=trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every and trainer.global_step and trainer.global_step % self.every == 0:

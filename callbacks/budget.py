@@ -1,70 +1,55 @@
-"""Print the parameter budget at fit start; stop an off-budget run before it trains."""
+"""Print the parameter budget before anything loads; refuse an off-budget run before it costs anything."""
 
 from __future__ import annotations
-
-import logging
 
 import lightning as L
 
 from fff_lightning.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 
 class ParameterBudget(L.Callback):
     """The guard for fair LoRA vs FFF comparisons.
 
+    It counts the run's adapters on the meta device (no weight loaded) in its ``preflight``, which the CLI runs
+    before any data is tokenized or any weight loaded (runs started from Python reach it in ``setup``, before the
+    model loads), prints the budget, logs it, and stops an off-budget run there.
+
     Args:
         target: the trainable-parameter count this run must match: a number, or the path of another run config
-            whose budget is the target (e.g. the other side of the comparison). ``None``: only print.
+            whose budget is the target (e.g. the other side of the comparison). A relative path is looked up next
+            to the config that names it, then in the working directory. ``None``: only print.
         tolerance: allowed relative difference, e.g. ``0.07`` for 7%.
     """
 
     def __init__(self, target: int | str | None = None, tolerance: float = 0.01):
         self.target = target
         self.tolerance = tolerance
-        self.counts: dict | None = None
+        self.budget = None
 
     def _target(self) -> int | None:
         if self.target is None or isinstance(self.target, int):
             return self.target
-        from fff_lightning.budget import run_budget
-        from fff_lightning.run_config import load_model_spec
+        from fff_lightning.cli import describe_run
 
-        spec = load_model_spec(self.target)
-        return run_budget(spec.base, spec.fff, spec.lora).trainable
+        other = describe_run(self.target)
+        return other.adapters.count(other.base_shape()).trainable
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from fff_lightning.adapters import count_parameters
-        from fff_lightning.budget import count_budget
-
-        counts = count_parameters(pl_module.model)
-        base = (
-            count_budget(pl_module.shape, pl_module.fff, pl_module.lora).base
-            if (pl_module.fff or pl_module.lora)
-            else 0
-        )
-        self.counts = {**counts, "base": base}
+    def preflight(self, trainer: L.Trainer, module) -> None:
+        """Count, print and log the run's budget; raise :class:`ConfigError` if it is off the target."""
+        b = self.budget = module.adapters.count(module.base_shape())
         target = self._target()
-        lines = [f"FFF {counts['fff']:,}", f"LoRA {counts['lora']:,}", f"trainable {counts['trainable']:,}"]
-        if base:
-            lines.append(f"{counts['trainable'] / base:.3%} of the base model's {base:,}")
+        lines = [f"FFF {b.fff:,}", f"LoRA {b.lora:,}", f"trainable {b.trainable:,}"]
+        lines.append(f"{b.share:.3%} of the base model's {b.base:,}")
         if target:
-            diff = (counts["trainable"] - target) / target
-            lines.append(f"target {target:,} ({diff:+.2%}, tolerance {self.tolerance:.2%})")
+            lines.append(f"target {target:,} ({(b.trainable - target) / target:+.2%}, tolerance {self.tolerance:.2%})")
         if trainer.is_global_zero:
             print("parameter budget: " + " | ".join(lines))
-        for name, value in (
-            ("budget/fff", counts["fff"]),
-            ("budget/lora", counts["lora"]),
-            ("budget/trainable", counts["trainable"]),
-        ):
-            for logger in trainer.loggers:
-                logger.log_metrics({name: value}, step=0)
-        if target and abs(counts["trainable"] - target) / target > self.tolerance:
+        for logger in trainer.loggers:
+            logger.log_metrics({"budget/fff": b.fff, "budget/lora": b.lora, "budget/trainable": b.trainable}, step=0)
+        if target and abs(b.trainable - target) / target > self.tolerance:
             raise ConfigError(
                 "trainer.callbacks.ParameterBudget",
-                f"off budget: {counts['trainable']:,} trainable vs target {target:,} "
-                f"({(counts['trainable'] - target) / target:+.2%}, tolerance {self.tolerance:.2%}); not training. "
+                f"off budget: {b.trainable:,} trainable vs target {target:,} "
+                f"({(b.trainable - target) / target:+.2%}, tolerance {self.tolerance:.2%}); not training. "
                 f"`python -m fff_lightning budget --match` finds a matching size",
             )

@@ -21,19 +21,21 @@ def parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", required=True, help="a run config (the same YAML `fit` takes)")
+    p.add_argument(
+        "--config", "-c", action="append", required=True, help="a run config, as `fit` takes it (repeat to stack)"
+    )
     p.add_argument("--match", choices=["lora_rank", "fff_width"], help="solve the other side of a comparison")
     p.add_argument(
         "--target",
         help="budget to match: a number of parameters or another run config (default for lora_rank: this run's)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.epilog = "Any other option overrides the configs as it does for `fit`, e.g. --model.lora.r 8."
     return p
 
 
 def _target(value: str | None, default: int | None) -> int:
-    from fff_lightning.budget import run_budget
-    from fff_lightning.run_config import load_model_spec
+    from fff_lightning.cli import describe_run
 
     if value is None:
         if default is None:
@@ -41,8 +43,8 @@ def _target(value: str | None, default: int | None) -> int:
         return default
     if value.replace("_", "").replace(",", "").isdigit():
         return int(value.replace("_", "").replace(",", ""))
-    spec = load_model_spec(value)
-    return run_budget(spec.base, spec.fff, spec.lora).trainable
+    other = describe_run(value).model
+    return other.adapters.count(other.base_shape()).trainable
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -60,17 +62,16 @@ def _table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    args = parser().parse_args(argv)
-    from fff_lightning.budget import match_fff_width, match_lora_rank, run_budget
-    from fff_lightning.loading import model_shape
-    from fff_lightning.run_config import load_model_spec
+    args, overrides = parser().parse_known_args(argv)
+    from fff_lightning.budget import match_fff_width, match_lora_rank
+    from fff_lightning.cli import describe_run
 
-    spec = load_model_spec(args.config)
-    budget = run_budget(spec.base, spec.fff, spec.lora)
-    shape = model_shape(spec.base)
+    run = describe_run(*args.config, overrides=overrides).model
+    spec, base, shape = run.adapters, run.base, run.base_shape()
+    budget = spec.count(shape)
     result: dict = {
-        "config": args.config,
-        "model": spec.base.name_or_path if spec.base.backend != "tiny" else "tiny",
+        "config": args.config if len(args.config) > 1 else args.config[0],
+        "model": base.name_or_path if base.backend != "tiny" else "tiny",
         "fff": budget.fff,
         "lora": budget.lora,
         "trainable": budget.trainable,
@@ -103,7 +104,8 @@ def main(argv: list[str]) -> None:
         ("base model", fmt(budget.base)),
         ("share of base", f"{budget.share:.3%}"),
     ]
-    _table(f"{args.config}: {result['model']} ({shape.num_hidden_layers} layers, d={shape.hidden_size})", rows)
+    title = " + ".join(args.config)
+    _table(f"{title}: {result['model']} ({shape.num_hidden_layers} layers, d={shape.hidden_size})", rows)
     if match is not None:
         m = match
         _table(

@@ -1,7 +1,7 @@
 """Command line: ``python -m fff_lightning <command>``. This file only wires; logic lives in the modules.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands over :class:`FFFModule` and
-:class:`FFFDataModule`; ``budget`` is this project's own and loads no Lightning.
+:class:`FFFDataModule`; ``budget`` and ``bench`` are this project's own and parse run configs with the same parser.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fff_lightning.errors import ConfigError
+from fff_lightning.errors import ConfigError, config_error_in, one_line
 
+PROG = "python -m fff_lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-USAGE = """\
-usage: python -m fff_lightning <command> [options]
+USAGE = f"""\
+usage: {PROG} <command> [options]
 
 commands:
   fit        train adapters:               fit --config configs/quickstart.yaml
@@ -24,7 +25,7 @@ commands:
   budget     trainable parameters of a run config, and --match for a fair comparison
   bench      tokens/s and peak memory of fit against bare Unsloth/PEFT loops (GPU; a smoke test on CPU)
 
-`python -m fff_lightning <command> --help` lists a command's options.
+`{PROG} <command> --help` lists a command's options.
 """
 
 
@@ -37,12 +38,34 @@ def tokenizer_for(backend: str, name_or_path: str, tokenizer: str | None) -> str
 
 def _lightning_cli():
     """Build the LightningCLI class lazily: importing Lightning is only paid by the commands that need it."""
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from fff_lightning import console, runs, table
     from fff_lightning.data.datamodule import FFFDataModule
     from fff_lightning.module import FFFModule
+    from fff_lightning.spec import AdapterSpec
+
+    console.setup()
+
+    class Parser(LightningArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            """One line and exit code 2 instead of the usage text and a nested explanation."""
+            if not self.exit_on_error:
+                return super().error(message, ex)
+            print(f"error: {one_line(message)} (`{self.prog.replace(' [options]', '')} --help` lists options)",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(2)
 
     class FFFCLI(LightningCLI):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("parser_class", Parser)
+            kwargs.setdefault("seed_everything_default", False)  # the DeterministicSeed callback and the model's seed
+            kwargs.setdefault("auto_configure_optimizers", False)
+            kwargs.setdefault(
+                "parser_kwargs", {"prog": PROG, **{c: {"prog": f"{PROG} {c}"} for c in LIGHTNING_COMMANDS}}
+            )
+            super().__init__(*args, **kwargs)
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument(
                 "--experiment", default="default", help="logs go to <logs_dir>/<experiment>/<run_name>/"
@@ -58,13 +81,16 @@ def _lightning_cli():
             )
             parser.link_arguments("model.base.max_seq_length", "data.max_seq_length")
 
-        # -- logging folder ------------------------------------------------------------------------------------
+        # -- where the run's files go --------------------------------------------------------------------------
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
-            run = cfg.run_name or _legend(cfg.model)
-            if self.subcommand in ("fit", None):
-                if cfg.run_name is None:
-                    run = _unique(Path(cfg.logs_dir) / cfg.experiment, run)
+            _resolve_config_paths(cfg)
+            adapters = AdapterSpec.resolve(cfg.model.fff, cfg.model.lora, cfg.model.adapter_path)
+            run = cfg.run_name or runs.run_name(adapters, None if self.subcommand in ("fit", None) else
+                                                cfg.model.adapter_path)  # fmt: skip
+            if self.subcommand == "fit":
+                if cfg.run_name is None:  # claimed now, atomically: two runs never share a folder
+                    run = runs.claim(Path(cfg.logs_dir) / cfg.experiment, run)
                 if cfg.trainer.logger in (None, True):
                     from jsonargparse import Namespace
 
@@ -74,33 +100,29 @@ def _lightning_cli():
                             save_dir=cfg.logs_dir, name=cfg.experiment, version=run, default_hp_metric=False
                         ),
                     )
-            else:
+            elif self.subcommand is not None:
                 cfg.trainer.logger = False
                 self.save_config_callback = None  # only fit records its config (in its run folder)
-            self.run_dir = self._run_dir(cfg, run)
+                if "verbose" in cfg:
+                    cfg.verbose = False  # our table replaces Lightning's one-per-dataloader metric tables
             self.run = run
+            self.run_dir = runs.output_dir(
+                self.subcommand or "fit",
+                cfg.logs_dir,
+                cfg.experiment,
+                run,
+                cfg.model.adapter_path,
+                cfg.get("ckpt_path"),
+            )
 
-        def _run_dir(self, cfg, run: str) -> Path:
-            """Where tables and predictions go: the trained run's folder when we know it."""
-            if self.subcommand == "fit":
-                return Path(cfg.logs_dir) / cfg.experiment / run
-            adapter = cfg.model.adapter_path
-            ckpt = cfg.get("ckpt_path")
-            if adapter:
-                return Path(adapter).resolve().parent
-            if ckpt:
-                return Path(ckpt).resolve().parent.parent
-            return Path(cfg.logs_dir) / cfg.experiment / f"{run}-{self.subcommand}"
+        # -- checks before anything loads, and reports after ---------------------------------------------------
+        def before_fit(self) -> None:
+            self.model.preflight(self.trainer)
 
-        # -- reports -------------------------------------------------------------------------------------------
         def _report(self, what: str) -> None:
             results = getattr(self.model, "last_results", None)
-            if not results or not self.trainer.is_global_zero:
-                return
-            seen = {r["dataset"]: r["seen_in_training"] for r in self.datamodule.summary}
-            files = self.model.write_results(self.run_dir, results, seen, self.run)
-            _print_table(f"{what}: {self.run}", results, seen)
-            print(f"table written to {', '.join(str(f) for f in files)}")
+            if results and self.trainer.is_global_zero:
+                table.report(self.run_dir, results, self.datamodule.seen_in_training, self.run, what)
 
         def after_fit(self) -> None:
             self._report("validation after training")
@@ -112,14 +134,10 @@ def _lightning_cli():
             self._report("test")
 
         def after_predict(self) -> None:
-            import json
-
             if not self.trainer.is_global_zero:
                 return
             preds = [row for batch in (self.trainer.predict_loop.predictions or []) for row in batch]
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            out = self.run_dir / "predictions.jsonl"
-            out.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+            out = runs.write_predictions(self.run_dir, preds)
             for p in preds[:3]:
                 print(f"### {p['prompt'][:80]}\n{p['answer'][:300]}\n")
             print(f"{len(preds)} answers written to {out}")
@@ -127,65 +145,43 @@ def _lightning_cli():
     return FFFCLI, FFFModule, FFFDataModule
 
 
-def check_config(*paths: str | Path, extra: list[str] | None = None) -> object:
-    """Parse run configs (later ones override earlier ones) and build the model and data module (no weights, no
-    data, no Trainer).
+def _resolve_config_paths(cfg) -> None:
+    """A run config names another by a path relative to itself (the budget guard's ``target``): make it absolute,
+    looking next to each given config (the last first), then in the working directory."""
+    dirs = [Path(str(p)).resolve().parent for p in reversed(cfg.get("config") or [])]
+    for cb in cfg.trainer.get("callbacks") or []:
+        args = getattr(cb, "init_args", None)
+        target = args.get("target") if args is not None else None
+        if isinstance(target, str) and not Path(target).is_absolute():
+            found = next((d / target for d in dirs if (d / target).is_file()), None)
+            args.target = str(found) if found else target
 
-    Every YAML in ``configs/`` goes through this in the tests, so configs cannot drift from the code.
+
+def describe_run(*configs: str | Path, overrides: list[str] | None = None):
+    """Parse run configs (later ones override earlier ones) and ``--model.*``-style overrides with the parser
+    ``fit`` uses, and build the module (its adapters and base model, no weights) and the data module (no data).
+
+    ``budget`` and the budget guard's ``target`` read runs through here, and every YAML in ``configs/`` goes
+    through it in the tests, so configs cannot drift from the code.
+
+    Returns:
+        an object whose ``.model`` is the :class:`~fff_lightning.module.FFFModule` and ``.datamodule`` the
+        :class:`~fff_lightning.data.datamodule.FFFDataModule`.
     """
     cli_cls, module_cls, dm_cls = _lightning_cli()
 
-    class Check(cli_cls):
+    class Describe(cli_cls):
         def instantiate_trainer(self, **kwargs):  # a GPU config must parse on a CPU machine too
             return None
 
-    args = [a for p in paths for a in ("--config", str(p))] + list(extra or [])
-    return Check(module_cls, dm_cls, args=args, run=False, auto_configure_optimizers=False)
+        def before_instantiate_classes(self) -> None:
+            _resolve_config_paths(self.config)
 
+    args = [a for p in configs for a in ("--config", str(p))] + list(overrides or [])
+    from unittest import mock
 
-def _legend(model_cfg) -> str:
-    from fff_lightning.fff import FFFConfig
-    from fff_lightning.lora import LoRAConfig
-
-    fff = _as_config(FFFConfig, model_cfg.get("fff"))
-    lora = _as_config(LoRAConfig, model_cfg.get("lora"))
-    if fff is not None:
-        return f"{'lora' if lora is not None else 'fff'}-{fff.legend()}"
-    if lora is not None:
-        return f"lora-r{lora.rank}"
-    return Path(model_cfg.get("adapter_path") or "adapter").parent.name or "adapter"
-
-
-def _as_config(cls, value):
-    if value is None or isinstance(value, cls):
-        return value
-    return cls(**(value.as_dict() if hasattr(value, "as_dict") else dict(value)))
-
-
-def _unique(parent: Path, name: str) -> str:
-    """``name``, or ``name-1``, ``name-2``... if a run of that name already exists."""
-    if not (parent / name).exists():
-        return name
-    i = 1
-    while (parent / f"{name}-{i}").exists():
-        i += 1
-    return f"{name}-{i}"
-
-
-def _print_table(title: str, results: list[dict], seen: dict[str, bool]) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=escape(title), title_justify="left")
-    for col in ("dataset", "rows", "tokens", "mean loss", "perplexity", "seen in training"):
-        table.add_column(col, justify="left" if col == "dataset" else "right")
-    for r in results:
-        mark = "[yellow]YES[/yellow]" if seen.get(r["dataset"]) else "no"
-        table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['ppl']:.2f}", mark)
-    Console().print(table)
-    if any(seen.values()):
-        print("YES: these validation rows were also training rows; their loss is not held-out.")
+    with mock.patch.object(sys, "argv", sys.argv[:1]):  # the configs come from `args`, not this process's argv
+        return Describe(module_cls, dm_cls, args=args, run=False, parser_kwargs={"prog": PROG})
 
 
 def run_lightning(argv: list[str] | None):
@@ -195,14 +191,7 @@ def run_lightning(argv: list[str] | None):
     if not any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
         preimport_unsloth()  # Unsloth must patch transformers before anything imports it
     cli_cls, module_cls, dm_cls = _lightning_cli()
-    return cli_cls(
-        module_cls,
-        dm_cls,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=False,  # seeding is the DeterministicSeed callback's and the model's own seed
-        auto_configure_optimizers=False,
-    )
+    return cli_cls(module_cls, dm_cls, args=argv, save_config_kwargs={"overwrite": True})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,19 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except ValueError as e:  # jsonargparse wraps errors raised while it instantiates configs
-        cause = _config_error_in(e)
+        cause = config_error_in(e)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
-
-
-def _config_error_in(e: BaseException) -> str | None:
-    """The message of the first ConfigError in an exception's chain (jsonargparse wraps them), or None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ConfigError):
-            return str(e)
-        e = e.__cause__ or e.__context__
-    return None

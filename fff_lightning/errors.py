@@ -15,3 +15,32 @@ class ConfigError(ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+
+def config_error_in(e: BaseException) -> str | None:
+    """The message of the first ConfigError in an exception's chain (jsonargparse wraps them), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConfigError):
+            return str(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+_NOISE = ("Does not validate against", "Problem with given class_path", "Given value", "Subtypes:", "Errors:",
+          "Expected a <class 'NoneType'>")  # fmt: skip
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's nested parse error as one line: the key, then the first line that says what is wrong
+    (``model.fff: Option 'widht' is not accepted``)."""
+    import re
+
+    lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip(" -")]
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]) if lines else None
+    if key:
+        lines = [key.group(2), *lines[1:]] if key.group(2) else lines[1:]
+    reason = next((ln for ln in lines if not ln.startswith(_NOISE)), lines[0] if lines else message)
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
+    return f"{key.group(1)}: {reason}" if key else reason

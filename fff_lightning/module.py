@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 from torchmetrics import SumMetric
 
-from fff_lightning.adapters import is_adapter
+from fff_lightning import table
+from fff_lightning.adapters import is_adapter, save_adapters
 from fff_lightning.errors import ConfigError
-from fff_lightning.fff import FFFConfig
-from fff_lightning.loading import BaseModelConfig, build_from_adapter, build_model, resolve_backend
-from fff_lightning.lora import LoRAConfig
+from fff_lightning.loading import load_model, resolve_backend
+from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+SCHEDULERS = ("linear", "cosine", "constant")
 
 
 class FFFModule(L.LightningModule):
@@ -26,6 +27,11 @@ class FFFModule(L.LightningModule):
     over the whole validation set divided by the number of scored tokens, accumulated with torchmetrics (so it is
     exact across batches and devices). Hugging Face's ``eval_loss`` is the mean of per-batch means, which weights
     tokens of short batches more; the two agree only when every batch scores the same number of tokens.
+
+    What callbacks may use (and all that fff_lightning's own use): ``adapters`` (the run's
+    :class:`~fff_lightning.spec.AdapterSpec`), ``base`` (its :class:`~fff_lightning.spec.BaseModelConfig`),
+    ``base_shape()`` (the base model's ``transformers`` config, read without weights), ``export_adapters(folder,
+    **facts)`` (write the adapter files) and ``preflight(trainer)`` (every check that needs no weight and no data).
 
     Args:
         base: the base model and backend.
@@ -49,28 +55,25 @@ class FFFModule(L.LightningModule):
         fff: FFFConfig | None = None,
         lora: LoRAConfig | None = None,
         adapter_path: str | None = None,
-        optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw",
+        optimizer: str = "adamw",
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
-        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        scheduler: str = "linear",
         warmup_steps: int = 1,
         seed: int = 12,
         max_new_tokens: int = 128,
     ):
         super().__init__()
         self.base = base
-        self.fff, self.lora, self.adapter_path = fff, lora, adapter_path
-        if adapter_path is None and fff is None and lora is None:
-            raise ConfigError("model", "no adapter configured: give model.fff, model.lora, or both")
-        if optimizer not in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
-            raise ConfigError(
-                "model.optimizer", f"unknown optimizer {optimizer!r}; allowed: adamw, adamw_8bit, paged_adamw_8bit"
-            )
-        if scheduler not in ("linear", "cosine", "constant"):
-            raise ConfigError("model.scheduler", f"unknown scheduler {scheduler!r}; allowed: linear, cosine, constant")
-        if not lr > 0 or warmup_steps < 0:
-            raise ConfigError("model.lr", "lr must be > 0 and warmup_steps >= 0")
+        self.adapters = AdapterSpec.resolve(fff, lora, adapter_path)  # the one answer to "which adapters"
+        self.adapter_path = adapter_path
+        choice("model.optimizer", optimizer, OPTIMIZERS)
+        choice("model.scheduler", scheduler, SCHEDULERS)
+        if not lr > 0:
+            raise ConfigError("model.lr", f"must be > 0; got {lr!r}")
+        if warmup_steps < 0:
+            raise ConfigError("model.warmup_steps", f"must be >= 0; got {warmup_steps!r}")
         self.optim = dict(name=optimizer, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
         self.sched = dict(name=scheduler, warmup=warmup_steps)
         self.seed = seed
@@ -96,26 +99,46 @@ class FFFModule(L.LightningModule):
         self.model = None
         self.backend = resolve_backend(base.backend)
         self.val_names: list[str] = []
+        self._shape = None
+        self._preflown = False
+
+    # -- the interface callbacks use ---------------------------------------------------------------------------
+    def base_shape(self):
+        """The base model's ``transformers`` config (read once, without weights)."""
+        if self._shape is None:
+            self._shape = self.base.shape()
+        return self._shape
+
+    def preflight(self, trainer: L.Trainer) -> None:
+        """Every check that needs no weight and no data, before either is touched: the adapters against the base
+        model's shape, then each callback's own ``preflight(trainer, module)`` (the budget guard). The CLI calls
+        it before ``fit``; ``setup`` calls it for runs started from Python (after their data is prepared)."""
+        if self._preflown:
+            return
+        self._preflown = True
+        self.adapters.check(self.base_shape())
+        for callback in trainer.callbacks:
+            if hasattr(callback, "preflight"):
+                callback.preflight(trainer, self)
+
+    def export_adapters(self, folder: str | Path, **facts) -> Path:
+        """Write the adapters alone to ``folder`` (safetensors + the adapter config), with ``facts`` about the run."""
+        shape = self.base_shape()
+        base = {
+            "name_or_path": self.base.name_or_path if self.base.backend != "tiny" else "tiny",
+            "hidden_size": shape.hidden_size,
+            "num_hidden_layers": shape.num_hidden_layers,
+            **facts,
+        }
+        return save_adapters(self.model, folder, self.adapters.fff, self.adapters.lora, base)
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        if self.adapter_path is not None:
-            from fff_lightning.adapters import read_adapter_config
-
-            saved = read_adapter_config(self.adapter_path)
-            for name, given in (("fff", self.fff), ("lora", self.lora)):
-                if given is not None and asdict(given) != saved.get(name):
-                    raise ConfigError(
-                        f"model.{name}",
-                        f"differs from the adapter folder's ({saved.get(name)}); leave it out or match it",
-                    )
-            self.fff = FFFConfig(**saved["fff"]) if saved.get("fff") else None
-            self.lora = LoRAConfig(**saved["lora"]) if saved.get("lora") else None
-            self.model, self.tokenizer, self.shape = build_from_adapter(self.base, self.adapter_path, seed=self.seed)
-        else:
-            self.model, self.tokenizer, self.shape = build_model(self.base, self.fff, self.lora, seed=self.seed)
+        self.model, self.tokenizer, self._shape = load_model(
+            self.base, self.adapters, adapter_path=self.adapter_path, seed=self.seed
+        )
         # from_pretrained leaves the base model in eval mode, Lightning keeps each module's mode when fit starts,
         # and transformers and Unsloth checkpoint (and drop padding masks) only in training mode: train it.
         # Lightning's own loops put it in eval mode for validation and back afterwards.
@@ -126,10 +149,7 @@ class FFFModule(L.LightningModule):
         return {k: v for k, v in super().state_dict(*args, **kwargs).items() if is_adapter(k)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fff_adapters"] = {
-            "fff": asdict(self.fff) if self.fff else None,
-            "lora": asdict(self.lora) if self.lora else None,
-        }
+        checkpoint["fff_adapters"] = self.adapters.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
@@ -161,10 +181,12 @@ class FFFModule(L.LightningModule):
         return loss
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.preflight(self.trainer)  # a no-op after the CLI's, before the model loads either way
         dm = self.trainer.datamodule
         self.val_names = list(getattr(dm, "val_names", []) or [])
         if stage in ("fit", "validate", "test"):
-            # Two sums per dataset: loss over scored tokens, and how many tokens were scored.
+            # Three sums per dataset: loss over scored tokens, scored tokens, and samples.
             self.loss_sums = torch.nn.ModuleList(SumMetric() for _ in self.val_names)
             self.token_counts = torch.nn.ModuleList(SumMetric() for _ in self.val_names)
             self.sample_counts = torch.nn.ModuleList(SumMetric() for _ in self.val_names)
@@ -181,13 +203,8 @@ class FFFModule(L.LightningModule):
     def _epoch_results(self) -> list[dict]:
         results = []
         for i, name in enumerate(self.val_names):
-            total, tokens, rows = (
-                float(m[i].compute()) for m in (self.loss_sums, self.token_counts, self.sample_counts)
-            )
-            mean = total / tokens if tokens else float("nan")
-            results.append(
-                {"dataset": name, "rows": int(rows), "tokens": int(tokens), "loss": mean, "ppl": math.exp(mean)}
-            )
+            sums = [float(m[i].compute()) for m in (self.loss_sums, self.token_counts, self.sample_counts)]
+            results.append(table.row(name, *sums))
             for m in (self.loss_sums, self.token_counts, self.sample_counts):
                 m[i].reset()
         return results
@@ -202,9 +219,7 @@ class FFFModule(L.LightningModule):
             self.log(f"val/{r['dataset']}/loss", r["loss"], sync_dist=False, add_dataloader_idx=False)
             self.log(f"val/{r['dataset']}/ppl", r["ppl"], sync_dist=False, add_dataloader_idx=False)
         if results:
-            tokens = sum(r["tokens"] for r in results)
-            overall = sum(r["loss"] * r["tokens"] for r in results) / max(tokens, 1)
-            self.log("val/loss", overall, prog_bar=True, add_dataloader_idx=False)
+            self.log("val/loss", table.overall_loss(results), prog_bar=True, add_dataloader_idx=False)
         self.last_results = results
 
     def on_test_epoch_end(self) -> None:
@@ -247,25 +262,3 @@ class FFFModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # -- reports -----------------------------------------------------------------------------------------------
-    def write_results(self, folder: str | Path, results: list[dict], seen: dict[str, bool], run: str) -> list[Path]:
-        """The per-dataset table as JSON, CSV and Markdown in ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = [{**r, "seen_in_training": seen.get(r["dataset"], False), "run": run} for r in results]
-        (folder / "validation.json").write_text(json.dumps(rows, indent=2) + "\n")
-        cols = ["run", "dataset", "rows", "tokens", "loss", "ppl", "seen_in_training"]
-        csv = [",".join(cols)] + [",".join(_fmt(r[c]) for c in cols) for r in rows]
-        (folder / "validation.csv").write_text("\n".join(csv) + "\n")
-        md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        md += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
-        md.append("\n`seen_in_training`: the validation rows are also training rows, so that loss is not held-out.")
-        (folder / "validation.md").write_text("\n".join(md) + "\n")
-        return [folder / f"validation.{e}" for e in ("json", "csv", "md")]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6f}"
-    return str(v)

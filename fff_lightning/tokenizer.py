@@ -10,32 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-
-def cache_dir() -> Path:
-    """Where fff_lightning keeps what it builds once (tokenizer folder, tiny models): ``$FFF_CACHE`` or
-    ``~/.cache/fff_lightning``."""
-    return Path(os.environ.get("FFF_CACHE", Path.home() / ".cache" / "fff_lightning"))
-
-
-def write_atomically(dest: Path, build) -> Path:
-    """Run ``build(tmp_folder)`` and move the result to ``dest`` in one rename, so a crash leaves no half folder."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process finished first
-            if not dest.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+from fff_lightning.cache import cache_dir, write_atomically
 
 
 def mistral_tokenizer_dir() -> Path:

@@ -200,14 +200,9 @@ def main(argv: list[str]) -> None:
         "--data.sources="
         + json.dumps([{"name": "long", "path": str(data), "schema": "prompt_response", "val_split": None}])
     ]
-    from fff_lightning.loading import model_shape
-    from fff_lightning.run_config import load_model_spec
+    from fff_lightning.spec import BaseModelConfig
 
-    shape = model_shape(load_model_spec(CONFIGS / "step2.yaml").base) if opts.cuda else None
-    if not opts.cuda:
-        from fff_lightning.loading import BaseModelConfig
-
-        shape = model_shape(BaseModelConfig(backend="tiny"))
+    shape = (BaseModelConfig() if opts.cuda else BaseModelConfig(backend="tiny")).shape()
     d_args = _fff_only_width_args(opts.cuda)
     results: list[Result] = []
     print(f"[bench] {len(cases)} cases x batch {batches} x checkpointing {ckpts}, {opts.steps} steps each", flush=True)
@@ -279,14 +274,13 @@ def _fff_only_width_args(cuda: bool) -> list[str]:
     from dataclasses import replace
 
     from fff_lightning.budget import count_budget, match_fff_width
-    from fff_lightning.loading import BaseModelConfig, model_shape
-    from fff_lightning.lora import LoRAConfig
-    from fff_lightning.run_config import load_model_spec
+    from fff_lightning.cli import describe_run
+    from fff_lightning.spec import BaseModelConfig, LoRAConfig
 
-    spec = load_model_spec(CONFIGS / "step2.yaml")
-    base = spec.base if cuda else BaseModelConfig(backend="tiny")
-    fff = spec.fff if cuda else replace(spec.fff, layers="1-2")
-    shape = model_shape(base)
+    step2 = describe_run(CONFIGS / "step2.yaml").model
+    base = step2.base if cuda else BaseModelConfig(backend="tiny")
+    fff = step2.adapters.fff if cuda else replace(step2.adapters.fff, layers="1-2")
+    shape = base.shape()
     target = count_budget(shape, None, LoRAConfig(preset="lora")).trainable
     match = match_fff_width(shape, target, fff, None)
     return ["--model.fff.width", str(match.value)]

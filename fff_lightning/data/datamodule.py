@@ -23,6 +23,7 @@ from fff_lightning.data.sampling import (
 )
 from fff_lightning.data.sources import SourceConfig, research_sources
 from fff_lightning.errors import ConfigError
+from fff_lightning.spec import choice
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,8 @@ class FFFDataModule(L.LightningDataModule):
         predict_file: str | None = None,
     ):
         super().__init__()
-        if text_style not in TEXT_STYLES:
-            raise ConfigError("data.text_style", f"unknown style {text_style!r}; allowed: {', '.join(TEXT_STYLES)}")
-        if loss_on not in LOSS_ON:
-            raise ConfigError("data.loss_on", f"unknown value {loss_on!r}; allowed: {', '.join(LOSS_ON)}")
+        choice("data.text_style", text_style, TEXT_STYLES)
+        choice("data.loss_on", loss_on, LOSS_ON)
         for name, v in (("max_seq_length", max_seq_length), ("batch_size", batch_size)):
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"data.{name}", f"must be a positive int; got {v!r}")
@@ -154,7 +153,7 @@ class FFFDataModule(L.LightningDataModule):
     def _cache_root(self) -> Path | None:
         if not self.cache:
             return None
-        from fff_lightning.tokenizer import cache_dir
+        from fff_lightning.cache import cache_dir
 
         return Path(self.cache_dir) if self.cache_dir else cache_dir() / "data"
 
@@ -247,6 +246,11 @@ class FFFDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
+
+    @property
+    def seen_in_training(self) -> dict[str, bool]:
+        """Per dataset: are its validation rows also training rows (so its loss is not held-out)?"""
+        return {r["dataset"]: r["seen_in_training"] for r in self.summary}
 
     # -- summary -----------------------------------------------------------------------------------------------
     def _summarise(self) -> list[dict]:

@@ -7,11 +7,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fff_lightning.cache import write_atomically
 from fff_lightning.data.formatting import formatter, tokenize_sample
 from fff_lightning.data.sources import SourceConfig, check_json_lines, pick, resolve_path
 from fff_lightning.errors import ConfigError
@@ -191,20 +190,16 @@ def prepare_source(
         _tokenize(val_raw.select(val_idx), src, tokenizer, opts, num_proc, "val", key) if val_raw is not None else None
     )
     if folder is not None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        try:
+
+        def write(tmp: Path) -> None:
             with _quiet():
                 train.save_to_disk(str(tmp / "train"))
                 if val is not None:
                     val.save_to_disk(str(tmp / "val"))
             (tmp / "key.json").write_text(json.dumps(key_data, indent=2, default=str))
             (tmp / "done").touch()
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_atomically(folder, write, replace=True)  # a folder without "done" is a crashed write: replaced
         train = datasets.load_from_disk(str(folder / "train"))
         val = datasets.load_from_disk(str(folder / "val")) if val is not None else None
     return Prepared(src, train, val, len(train_idx), len(val_idx), seen, from_cache=False)

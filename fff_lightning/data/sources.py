@@ -11,10 +11,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from fff_lightning.data.formatting import SCHEMA_COLUMNS
 from fff_lightning.errors import ConfigError
+from fff_lightning.spec import choice
+
+TAKES = ("head", "tail", "random")
 
 BUNDLED = Path(__file__).parent / "samples"
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -42,13 +44,13 @@ class SourceConfig:
 
     name: str
     path: str
-    schema: Literal["magicoder", "metamath", "ultrachat", "artificial_thinker", "prompt_response"]
+    schema: str
     train_split: str = "train"
     train_rows: int | float | None = None
-    train_take: Literal["head", "tail", "random"] = "head"
+    train_take: str = "head"
     val_split: str | None = "train"
     val_rows: int | float | None = None
-    val_take: Literal["head", "tail", "random"] = "tail"
+    val_take: str = "tail"
     repeat: int = 1
     enabled: bool = True
     prompt_column: str = "prompt"
@@ -56,8 +58,7 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         f = f"data.sources.{self.name}"
-        if self.schema not in SCHEMA_COLUMNS:
-            raise ConfigError(f"{f}.schema", f"unknown schema {self.schema!r}; allowed: {', '.join(SCHEMA_COLUMNS)}")
+        choice(f"{f}.schema", self.schema, tuple(SCHEMA_COLUMNS))
         for key in ("train_rows", "val_rows"):
             v = getattr(self, key)
             if isinstance(v, float) and v.is_integer() and v > 1:  # YAML/CLI parsers may hand counts over as floats
@@ -69,8 +70,7 @@ class SourceConfig:
             if bad or (isinstance(v, float) and v > 1):
                 raise ConfigError(f"{f}.{key}", f"must be a positive count, a fraction in (0, 1], or null; got {v!r}")
         for key in ("train_take", "val_take"):
-            if getattr(self, key) not in ("head", "tail", "random"):
-                raise ConfigError(f"{f}.{key}", f"must be head, tail or random; got {getattr(self, key)!r}")
+            choice(f"{f}.{key}", getattr(self, key), TAKES)
         if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat <= 0:
             raise ConfigError(f"{f}.repeat", f"must be a positive int; got {self.repeat!r}")
 

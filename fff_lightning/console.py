@@ -1,0 +1,41 @@
+"""What a user reads on the terminal: one line per log record, no advertising, no warnings that mean nothing."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _Drop(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in str(record.msg) for f in self.fragments)
+
+
+def setup() -> None:
+    """Call once, after Lightning is imported (and after Unsloth, which configures the root logger)."""
+    # Lightning's loggers propagate to the root logger when it has handlers (Unsloth adds one): every line then
+    # printed twice, bare and as "[name|LEVEL]". Each keeps exactly its own handler.
+    for name in ("lightning.pytorch", "lightning.fabric", "fff_lightning"):
+        log = logging.getLogger(name)
+        if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(_LevelFormatter("%(message)s") if name == "fff_lightning" else logging.Formatter())
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    # Lightning's "💡 Tip: ... try installing litlogger/litmodels" adverts.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("💡 Tip"))
+    # bitsandbytes on AVX512-BF16 CPUs: an optional kernel hub it cannot reach; it falls back by itself.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("kernels-community"))
+    # Lightning's own use of a torch API deprecated in torch 2.13: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text

@@ -1,0 +1,79 @@
+"""The per-dataset validation table: rows from the loss sums, printed, and written as JSON, CSV and Markdown.
+
+A row's loss is the token-weighted mean cross-entropy of the dataset: the sum of every scored token's loss
+divided by the number of scored tokens (see :class:`fff_lightning.module.FFFModule`). ``seen_in_training`` marks
+a dataset whose validation rows are also training rows (ArtificialThinkerSet in the research): its loss is not
+held-out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+COLUMNS = ["run", "dataset", "rows", "tokens", "loss", "ppl", "seen_in_training"]
+SEEN_NOTE = "`seen_in_training`: the validation rows are also training rows, so that loss is not held-out."
+
+
+def row(dataset: str, loss_sum: float, tokens: float, samples: float) -> dict:
+    """One dataset's row from its sums over the whole validation set."""
+    mean = loss_sum / tokens if tokens else float("nan")
+    return {"dataset": dataset, "rows": int(samples), "tokens": int(tokens), "loss": mean, "ppl": _exp(mean)}
+
+
+def overall_loss(rows: list[dict]) -> float:
+    """The token-weighted mean over every dataset of the table."""
+    tokens = sum(r["tokens"] for r in rows)
+    return sum(r["loss"] * r["tokens"] for r in rows) / max(tokens, 1)
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+def show(title: str, rows: list[dict], seen: dict[str, bool]) -> None:
+    """Print the table to the terminal."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(title), title_justify="left")
+    for col in ("dataset", "rows", "tokens", "mean loss", "perplexity", "seen in training"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for r in rows:
+        mark = "[yellow]YES[/yellow]" if seen.get(r["dataset"]) else "no"
+        table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['ppl']:.2f}", mark)
+    Console().print(table)
+    if any(seen.values()):
+        print("YES: these validation rows were also training rows; their loss is not held-out.")
+
+
+def write(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str) -> list[Path]:
+    """``validation.json``, ``validation.csv`` and ``validation.md`` in ``folder``; returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full = [{**r, "seen_in_training": seen.get(r["dataset"], False), "run": run} for r in rows]
+    (folder / "validation.json").write_text(json.dumps(full, indent=2) + "\n")
+    csv = [",".join(COLUMNS)] + [",".join(_fmt(r[c]) for c in COLUMNS) for r in full]
+    (folder / "validation.csv").write_text("\n".join(csv) + "\n")
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in full]
+    md.append("\n" + SEEN_NOTE)
+    (folder / "validation.md").write_text("\n".join(md) + "\n")
+    return [folder / f"validation.{e}" for e in ("json", "csv", "md")]
+
+
+def report(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str, what: str) -> list[Path]:
+    """Print the table under ``what: run`` and write its three files to ``folder``."""
+    show(f"{what}: {run}", rows, seen)
+    files = write(folder, rows, seen, run)
+    print(f"table written to {', '.join(str(f) for f in files)}")
+    return files
+
+
+def _fmt(v) -> str:
+    return f"{v:.6f}" if isinstance(v, float) else str(v)

@@ -50,13 +50,23 @@ def test_file_holds_adapters_only(tiny, tokens, tmp_path):
 
 
 def test_mismatched_adapter_file_is_refused_with_the_reason(tiny, tokens, tmp_path):
+    from fff_lightning.adapters import load_adapters
+
     model = trained(tiny, tokens, FFFConfig(n_sublayers=1, width=8), None)
     save_adapters(model, tmp_path, FFFConfig(n_sublayers=1, width=8), None)
+    # The folder says which adapters it holds; configs given beside it must be the same.
+    for fff, lora in ((FFFConfig(n_sublayers=1, width=16), None), (None, LoRAConfig(r=2))):
+        with pytest.raises(ConfigError, match="differs from the adapter folder's"):
+            build_model(tiny, fff, lora, adapter_path=tmp_path)
+    # Weights that do not fit the model they are loaded into are named.
+    wider, _, _ = build_model(tiny, FFFConfig(n_sublayers=1, width=16))
     with pytest.raises(ConfigError, match=r"12 shape mismatch.*d_proj.weight: file \(64, 8\), model \(64, 16\)"):
-        build_model(tiny, FFFConfig(n_sublayers=1, width=16), adapter_path=tmp_path)
+        load_adapters(wider, tmp_path)
+    both, _, _ = build_model(tiny, FFFConfig(n_sublayers=1, width=8), LoRAConfig(r=2))
     with pytest.raises(ConfigError, match="missing from the file"):
-        build_model(tiny, FFFConfig(n_sublayers=1, width=8), LoRAConfig(r=2), adapter_path=tmp_path)
+        load_adapters(both, tmp_path)
+    lora_only, _, _ = build_model(tiny, None, LoRAConfig(r=2))
     with pytest.raises(ConfigError, match="not in the model"):
-        build_model(tiny, None, LoRAConfig(r=2), adapter_path=tmp_path)
+        load_adapters(lora_only, tmp_path)
     with pytest.raises(ConfigError, match="is not an adapter folder"):
         build_from_adapter(tiny, tmp_path / "nowhere")

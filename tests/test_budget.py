@@ -4,11 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fff_lightning.budget import count_budget, match_fff_width, match_lora_rank, run_budget
-from fff_lightning.fff import FFFConfig
-from fff_lightning.loading import BaseModelConfig, model_shape
-from fff_lightning.lora import LoRAConfig
-from fff_lightning.run_config import load_model_spec
+from fff_lightning.budget import count_budget, match_fff_width, match_lora_rank
+from fff_lightning.cli import describe_run
+from fff_lightning.spec import BaseModelConfig, FFFConfig, LoRAConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 LORA_PER_RANK_7B = 2_621_440  # 32 layers x (q 8192 + k 5120 + v 5120 + o 8192 + gate/up 18432 x 2 + down 18432)
@@ -16,12 +14,12 @@ LORA_PER_RANK_7B = 2_621_440  # 32 layers x (q 8192 + k 5120 + v 5120 + o 8192 +
 
 @pytest.fixture(scope="module")
 def mistral7b():
-    return model_shape(BaseModelConfig(name_or_path="mistralai/Mistral-7B-v0.1"))
+    return BaseModelConfig(name_or_path="mistralai/Mistral-7B-v0.1").shape()
 
 
 def test_step2_fff_plus_lora_budget_is_the_research_figure():
-    spec = load_model_spec(CONFIGS / "step2.yaml")
-    b = run_budget(spec.base, spec.fff, spec.lora)
+    run = describe_run(CONFIGS / "step2.yaml").model
+    b = run.adapters.count(run.base_shape())
     assert b.fff == 7 * 6 * (3 * 4096 * 128 + 4096) == 66_232_320
     assert b.lora == 24 * LORA_PER_RANK_7B == 62_914_560
     assert b.trainable == 129_146_880
@@ -29,8 +27,8 @@ def test_step2_fff_plus_lora_budget_is_the_research_figure():
 
 
 def test_step2_lora_baseline_budget_is_the_research_figure():
-    spec = load_model_spec(CONFIGS / "step2_lora.yaml")
-    b = run_budget(spec.base, spec.fff, spec.lora)
+    run = describe_run(CONFIGS / "step2_lora.yaml").model
+    b = run.adapters.count(run.base_shape())
     assert (b.fff, b.lora) == (0, 46 * LORA_PER_RANK_7B) == (0, 120_586_240)
 
 

@@ -38,8 +38,8 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path):
 
 def test_unknown_field_and_missing_adapter_and_missing_file(tmp_path):
     cases = {
-        "model:\n  fff: {widht: 8}\n": "model.fff.widht: unknown field; allowed: n_sublayers, width",
-        "model:\n  base: {backend: tiny}\n": "configures no adapter",
+        "model:\n  fff: {widht: 8}\n": "error: model.fff: Option 'widht' is not accepted",
+        "model:\n  base: {backend: tiny}\n": "error: model: no adapter configured: give model.fff, model.lora, or both",
         "model:\n  base: {backend: tiny}\n  fff: {layers: '2-9'}\n": "layer(s) [4, 5, 6, 7, 8, 9] do not exist",
     }
     for i, (text, message) in enumerate(cases.items()):
@@ -47,8 +47,17 @@ def test_unknown_field_and_missing_adapter_and_missing_file(tmp_path):
         path.write_text(text)
         out = run("budget", "--config", str(path))
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     out = run("budget", "--config", str(tmp_path / "absent.yaml"))
-    assert out.returncode == 2 and "no such file" in out.stderr
+    assert out.returncode == 2 and "File does not exist" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_budget_takes_several_configs_and_overrides_like_fit():
+    out = run("budget", "--config", "configs/step2.yaml", "--model.lora.r", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["lora"] == 8 * 2_621_440
+    smoke = run("budget", "--config", "configs/step2.yaml", "--config", "configs/overlays/gpu_smoke.yaml", "--json")
+    assert smoke.returncode == 0 and json.loads(smoke.stdout)["trainable"] == 129_146_880, smoke.stderr
 
 
 def test_callbacks_import_from_the_installed_package(tmp_path):

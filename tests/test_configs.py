@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fff_lightning.cli import check_config
+from fff_lightning.cli import describe_run
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.module import FFFModule
 
@@ -17,16 +17,16 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_instantiates(path, monkeypatch):
-    monkeypatch.chdir(path.parent.parent)  # configs name each other relative to the repository root
-    cli = check_config(path)
+    monkeypatch.chdir("/")  # configs name each other relative to themselves, wherever the run starts
+    cli = describe_run(path)
     assert isinstance(cli.model, FFFModule) and isinstance(cli.datamodule, FFFDataModule)
-    assert cli.model.fff is not None or cli.model.lora is not None
+    assert cli.model.adapters.fff is not None or cli.model.adapters.lora is not None
 
 
 def test_step2_pair_matches_the_research():
     root = CONFIGS[0].parent
-    fff = check_config(root / "step2.yaml").model
-    lora = check_config(root / "step2_lora.yaml").model
+    fff = describe_run(root / "step2.yaml").model.adapters
+    lora = describe_run(root / "step2_lora.yaml").model.adapters
     assert (fff.fff.n_sublayers, fff.fff.width, fff.fff.activation, fff.fff.layers, fff.fff.init) == (
         6,
         128,
@@ -35,9 +35,8 @@ def test_step2_pair_matches_the_research():
         "normal",
     )
     assert (fff.lora.rank, fff.lora.lora_alpha, lora.lora.rank, lora.lora.lora_alpha) == (24, 12, 46, 23)
-    assert (
-        fff.optim["name"] == "adamw_8bit" and fff.optim["lr"] == 5e-5 and fff.sched == {"name": "linear", "warmup": 1}
-    )
+    m = describe_run(root / "step2.yaml").model
+    assert m.optim["name"] == "adamw_8bit" and m.optim["lr"] == 5e-5 and m.sched == {"name": "linear", "warmup": 1}
 
 
 def test_gpu_smoke_overlay_stacks_on_step2(monkeypatch):
@@ -45,7 +44,7 @@ def test_gpu_smoke_overlay_stacks_on_step2(monkeypatch):
     monkeypatch.chdir(root)
     cli = check_config_stack(["configs/step2.yaml", "configs/overlays/gpu_smoke.yaml"])
     assert [s.name for s in cli.datamodule.sources][-1] == "long"
-    assert cli.model.fff.width == 128
+    assert cli.model.adapters.fff.width == 128
 
 
 def test_packed_overlay_stacks_on_both_step2_configs(monkeypatch):
@@ -57,16 +56,12 @@ def test_packed_overlay_stacks_on_both_step2_configs(monkeypatch):
 
 
 def check_config_stack(paths):
-    from fff_lightning.cli import check_config
-
-    return check_config(*paths)
+    return describe_run(*paths)
 
 
 def test_a_dataset_is_pointed_at_local_files_from_the_command_line(tmp_path):
-    from fff_lightning.cli import check_config
-
     f = tmp_path / "mm.jsonl"
     f.write_text('{"query": "q", "response": "r"}\n')
-    cli = check_config(CONFIGS[0].parent / "step2.yaml", extra=["--data.paths", f"{{metamath: {f}}}"])
+    cli = describe_run(CONFIGS[0].parent / "step2.yaml", overrides=["--data.paths", f"{{metamath: {f}}}"])
     by = {s.name: s for s in cli.datamodule.sources}
     assert by["metamath"].path == str(f) and by["magicoder"].path == "ise-uiuc/Magicoder-OSS-Instruct-75K"

@@ -274,7 +274,7 @@ def write(tmp_path, name, text):
             lambda t: SourceConfig("x", str(t / "absent.jsonl"), "metamath"),
             "data.sources.x.path: no such file or folder",
         ),
-        (lambda t: SourceConfig("x", "bundled:metamath", "gsm8k"), "data.sources.x.schema: unknown schema 'gsm8k'"),
+        (lambda t: SourceConfig("x", "bundled:metamath", "gsm8k"), "data.sources.x.schema: unknown value 'gsm8k'"),
         (
             lambda t: SourceConfig("x", "bundled:metamath", "metamath", repeat=0),
             "data.sources.x.repeat: must be a positive int",

@@ -59,7 +59,7 @@ def test_parameter_count_equals_closed_form(tiny, cfg):
     model, _, shape = build_model(tiny, cfg)
     d, n_layers = shape.hidden_size, shape.num_hidden_layers
     per_stack = sum(3 * d * w + d for w in cfg.widths())
-    n_stacks = len(cfg.target_list()) * len(parse_layers(cfg.layers, n_layers))
+    n_stacks = len(cfg.targets) * len(parse_layers(cfg.layers, n_layers))
     assert count_parameters(model)["fff"] == per_stack * n_stacks == cfg.n_params(d, n_layers)
     assert count_parameters(model)["lora"] == 0
 
@@ -118,17 +118,17 @@ def test_parse_layers(spec, n, expected):
 @pytest.mark.parametrize(
     "kwargs, field, words",
     [
-        (dict(activation="swishy"), "fff.activation", "gelu_new"),
-        (dict(targets=["down_proj"]), "fff.targets", "up_proj, gate_proj"),
-        (dict(n_sublayers=3, width=[8, 8]), "fff.width", "2 widths for 3 sub-layers"),
-        (dict(n_sublayers=2, activation=["silu"]), "fff.activation", "1 activations for 2 sub-layers"),
-        (dict(n_sublayers=0), "fff.n_sublayers", "positive"),
-        (dict(width=-4), "fff.width", "positive"),
-        (dict(width=[8, 0], n_sublayers=2), "fff.width", "positive"),
-        (dict(layers="13-x"), "fff.layers", "cannot read"),
-        (dict(layers="9-3"), "fff.layers", "backwards"),
-        (dict(init="zeros"), "fff.init", "normal, identity"),
-        (dict(dtype="int8"), "fff.dtype", "float32, bfloat16"),
+        (dict(activation="swishy"), "model.fff.activation", "gelu_new"),
+        (dict(targets=["down_proj"]), "model.fff.targets", "up_proj, gate_proj"),
+        (dict(n_sublayers=3, width=[8, 8]), "model.fff.width", "2 widths for 3 sub-layers"),
+        (dict(n_sublayers=2, activation=["silu"]), "model.fff.activation", "1 activations for 2 sub-layers"),
+        (dict(n_sublayers=0), "model.fff.n_sublayers", "positive"),
+        (dict(width=-4), "model.fff.width", "positive"),
+        (dict(width=[8, 0], n_sublayers=2), "model.fff.width", "positive"),
+        (dict(layers="13-x"), "model.fff.layers", "cannot read"),
+        (dict(layers="9-3"), "model.fff.layers", "backwards"),
+        (dict(init="zeros"), "model.fff.init", "normal, identity"),
+        (dict(dtype="int8"), "model.fff.dtype", "float32, bfloat16, float16"),
     ],
 )
 def test_bad_fff_config_names_the_field_and_what_is_allowed(kwargs, field, words):

@@ -64,9 +64,9 @@ def test_preset_fields_are_overridable():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(preset="huge"), "lora.preset"),
-        (dict(r=0), "lora.r"),
-        (dict(target_modules=["lm_head"]), "lora.target_modules"),
+        (dict(preset="huge"), "model.lora.preset"),
+        (dict(r=0), "model.lora.r"),
+        (dict(target_modules=["lm_head"]), "model.lora.target_modules"),
     ],
 )
 def test_bad_lora_config(kwargs, field):

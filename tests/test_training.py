@@ -148,10 +148,11 @@ def test_checkpoint_of_other_adapters_is_refused(tmp_path):
 
     cli = run_lightning(fit_args(tmp_path, steps=1))
     ckpt = torch.load(next(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt")), weights_only=False)
-    other = FFFModule(base=cli.model.base, fff=FFFConfig(n_sublayers=2, width=16, layers="1-2"), lora=cli.model.lora)
+    run = cli.model.adapters
+    other = FFFModule(base=cli.model.base, fff=FFFConfig(n_sublayers=2, width=16, layers="1-2"), lora=run.lora)
     with pytest.raises(ConfigError, match="checkpoint does not match the configured adapters"):
         other.on_load_checkpoint(ckpt)
-    same = FFFModule(base=cli.model.base, fff=cli.model.fff, lora=cli.model.lora)
+    same = FFFModule(base=cli.model.base, fff=run.fff, lora=run.lora)
     same.on_load_checkpoint(ckpt)  # no error
 
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from fff_lightning.adapters import count_parameters
+from fff_lightning.cli import describe_run
 from fff_lightning.loading import BaseModelConfig, build_model
-from fff_lightning.run_config import load_model_spec
 
 pytestmark = pytest.mark.gpu
 
 
 def test_step2_adapters_on_unsloth_4bit(random_mistral_7b, capfd):
-    spec = load_model_spec("configs/step2.yaml")
+    spec = describe_run("configs/step2.yaml").model.adapters
     base = BaseModelConfig(backend="unsloth", name_or_path=str(random_mistral_7b), max_seq_length=2048)
     torch.cuda.reset_peak_memory_stats()
     model, tokenizer, shape = build_model(base, spec.fff, spec.lora, seed=12)

@@ -51,3 +51,69 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         tok.pad_token = tok.unk_token or tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def sentencepiece_model(tokenizer):
+    """The tokenizer's own SentencePiece model (Mistral and Llama tokenizers have one), or ``None``.
+
+    Looked up as the tokenizer's ``vocab_file``, a ``tokenizer.model`` beside it, in the hub cache, and finally as
+    mistral-common's Mistral-7B-v0.1 model when the tokenizer's vocabulary is that one. Cached on the tokenizer.
+    """
+    cached = tokenizer.__dict__.get("_fff_sentencepiece", False)
+    if cached is not False:
+        return cached
+    import sentencepiece
+
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    candidates = [getattr(tokenizer, "vocab_file", None)]
+    if name and Path(name).is_dir():
+        candidates.append(Path(name) / "tokenizer.model")
+    elif name:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            candidates.append(try_to_load_from_cache(name, "tokenizer.model"))
+        except Exception:  # no hub client or no cache: the next candidate
+            pass
+    try:
+        import mistral_common
+
+        candidates.append(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1")
+    except ImportError:
+        pass
+    model = None
+    for path in candidates:
+        if isinstance(path, (str, Path)) and Path(path).is_file():
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            if _same_vocabulary(sp, tokenizer):
+                model = sp
+                break
+    tokenizer.__dict__["_fff_sentencepiece"] = model
+    return model
+
+
+def _same_vocabulary(sp, tokenizer) -> bool:
+    n = sp.get_piece_size()
+    probe = [i for i in (3, 13, 28705, 28726, 264, 1233, n - 1) if i < n]
+    return n == len(tokenizer) and tokenizer.convert_ids_to_tokens(probe) == [sp.id_to_piece(i) for i in probe]
+
+
+def encode(tokenizer, text: str, sentencepiece: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids (BOS first) of ``text`` and each token's character span in it.
+
+    With ``sentencepiece`` and a SentencePiece model at hand (:func:`sentencepiece_model`), the ids are
+    SentencePiece's own: the transformers tokenizer rebuilt from the same model splits runs of spaces
+    differently (``"a  b"``: ``▁a ▁▁ b`` against SentencePiece's ``▁a ▁ ▁b``), which changes code and indented text.
+    Text is taken literally (``"<s>"`` in it is text, as for SentencePiece).
+    """
+    sp = sentencepiece_model(tokenizer) if sentencepiece else None
+    if sp is None:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    chars = [0]  # chars[b] = the character index of byte b
+    for i, ch in enumerate(text):
+        chars.extend([i + 1] * len(ch.encode("utf-8")))
+    pieces = sp.encode(text, return_type="proto").pieces
+    ids = [tokenizer.bos_token_id] + [p.id for p in pieces]
+    offsets = [(0, 0)] + [(chars[p.begin], chars[p.end]) for p in pieces]
+    return ids, offsets

@@ -10,10 +10,11 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from fff_lightning.data.collate import LeftPadCollator, PackCollator, PadCollator
-from fff_lightning.data.formatting import LOSS_ON, TEXT_STYLES
+from fff_lightning.data.formatting import LOSS_ON, SYSTEM_TURNS, TEXT_STYLES
 from fff_lightning.data.prepare import Prepared, TextOptions, prepare_source
 from fff_lightning.data.prompts import PromptRows, read_prompts
 from fff_lightning.data.sampling import (
+    SHUFFLES,
     PlannedBatchSampler,
     ResumableBatchSampler,
     ResumableLoader,
@@ -59,12 +60,19 @@ class FFFDataModule(L.LightningDataModule):
         text_style: ``research`` (``###USER: ...\\n###ASSISTANT: ...``) or ``chat_template``.
         loss_on: ``all`` tokens (the research) or ``assistant`` tokens only.
         chat_template: a Jinja chat template for ``chat_template`` style (default: the tokenizer's own).
+        eos: close every sample with EOS (scored like any token). The research added none.
+        system_turns: ``prepend`` a conversation's system message to the next user turn, or ``drop`` it (the
+            research).
         max_seq_length: longer samples are truncated (and counted).
         batch_size: training micro-batch size.
         val_batch_size: validation batch size (default: ``batch_size``).
         num_workers: dataloader workers; batches do not depend on it.
         seed: selects random takes and shuffles the mix (the research used 12).
         group_by_length: batch samples of similar length together to cut padding (seeded).
+        shuffle: how the mix is shuffled once: ``fff_lightning`` (Python's ``random``) or ``datasets`` (the
+            permutation of ``datasets.Dataset.shuffle(seed)``, the research's).
+        drop_last: leave out the last, partial training batch of an epoch (the research trained
+            ``len(data) // batch_size`` steps).
         packing: pack each batch's samples into one row with no padding (document-aware attention: no sample
             sees another, and the loss of every token is the unpacked one); a batch then holds as many samples
             as fit ``tokens_per_batch``, so an epoch has fewer, fuller steps. Validation is packed too.
@@ -85,12 +93,16 @@ class FFFDataModule(L.LightningDataModule):
         text_style: str = "research",
         loss_on: str = "all",
         chat_template: str | None = None,
+        eos: bool = True,
+        system_turns: str = "prepend",
         max_seq_length: int = 2048,
         batch_size: int = 3,
         val_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 12,
         group_by_length: bool = False,
+        shuffle: str = "fff_lightning",
+        drop_last: bool = False,
         packing: bool = False,
         tokens_per_batch: int | None = None,
         tokenizer: str | None = None,
@@ -116,7 +128,11 @@ class FFFDataModule(L.LightningDataModule):
         self.sources = [s for s in sources if s.enabled]
         if not self.sources:
             raise ConfigError("data.sources", "every dataset is disabled")
-        self.opts = TextOptions(text_style, loss_on, max_seq_length, chat_template)
+        choice("data.system_turns", system_turns, SYSTEM_TURNS)
+        choice("data.shuffle", shuffle, SHUFFLES)
+        self.opts = TextOptions(text_style, loss_on, max_seq_length, chat_template, eos, system_turns)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -179,7 +195,7 @@ class FFFDataModule(L.LightningDataModule):
             return
         self.prepared = self._prepare_all()
         parts = [p.train for p in self.prepared]
-        order = mix_order([len(p) for p in parts], [p.source.repeat for p in self.prepared], self.seed)
+        order = mix_order([len(p) for p in parts], [p.source.repeat for p in self.prepared], self.seed, self.shuffle)
         if self.group and not self.packing:
             lengths = [p["length"] for p in parts]
             order = group_by_length(order, lambda x: lengths[x[0]][x[1]], self.batch_size, self.seed)
@@ -198,12 +214,14 @@ class FFFDataModule(L.LightningDataModule):
         return pack_batches(ds.lengths(), self.tokens_per_batch, seed) if self.packing else None
 
     # -- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, ds: Dataset, batch_size: int, skip: int = 0, collate=None, plan=None) -> DataLoader:
+    def _loader(
+        self, ds: Dataset, batch_size: int, skip: int = 0, collate=None, plan=None, drop_last: bool = False
+    ) -> DataLoader:
         # The order is fixed in setup(), so batches do not depend on workers or processes.
         if plan is not None:
             sampler, collate = PlannedBatchSampler(plan, skip=skip), PackCollator()
         else:
-            sampler = ResumableBatchSampler(SequentialSampler(ds), batch_size, skip=skip)
+            sampler = ResumableBatchSampler(SequentialSampler(ds), batch_size, drop_last=drop_last, skip=skip)
         return ResumableLoader(
             ds,
             batch_sampler=sampler,
@@ -214,7 +232,9 @@ class FFFDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         skip, self._skip = self._skip, 0
-        return self._loader(self.train_set, self.batch_size, skip=skip, plan=self.train_batches)
+        return self._loader(
+            self.train_set, self.batch_size, skip=skip, plan=self.train_batches, drop_last=self.drop_last
+        )
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set, self.val_batch_size, collate=LeftPadCollator(self.tokenizer.pad_token_id))
@@ -222,7 +242,8 @@ class FFFDataModule(L.LightningDataModule):
     def train_batches_per_epoch(self) -> int:
         if self.train_batches is not None:
             return len(self.train_batches)
-        return -(-len(self.train_set) // self.batch_size)
+        n = len(self.train_set) // self.batch_size
+        return n if self.drop_last else -(-len(self.train_set) // self.batch_size)
 
     def state_dict(self) -> dict:
         """Saved in Lightning checkpoints: how many batches of the current epoch were trained on."""

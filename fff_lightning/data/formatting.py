@@ -2,16 +2,18 @@
 
 A *sample* is a list of turns ``(role, text)`` with role ``user`` or ``assistant``. Two text styles:
 
-* ``research``: the FFF study's ``"###USER: {question}\\n###ASSISTANT: {answer}"``; turns of a dialogue are joined
-  with ``"\\n"``. Kept byte for byte so the step configs reproduce the research.
+* ``research``: the FFF study's text, byte for byte: ``"###USER: {question}\\n###ASSISTANT: {answer}"`` for a
+  question and its answer; a dialogue (UltraChat) as the research built it, every turn ending with ``"\\n"``
+  (``"###USER: {u1}\\n###ASSISTANT: {a1}\\n###USER: {u2}\\n..."``). Its token ids are SentencePiece's own
+  (:func:`fff_lightning.tokenizer.encode`), as the study's tokenizer produced them.
 * ``chat_template``: the tokenizer's chat template (or ``chat_template`` given in the data config).
 
-Every sample ends with EOS. Loss on ``all`` tokens (the research) or on ``assistant`` tokens only (the prompt's
-labels are -100).
+``eos`` closes every sample with EOS (the research added none). Loss on ``all`` tokens (the research) or on
+``assistant`` tokens only (the prompt's labels are -100).
 
-System messages (UltraChat has a few): the research ignored them; the rule here is that a system message is
-prepended to the next user message followed by a blank line (``research`` style), or passed to the chat
-template as a ``system`` message when the template accepts one.
+System messages (UltraChat has a few): ``system_turns="drop"`` ignores them, as the research did; ``"prepend"``
+puts a system message before the next user message followed by a blank line (``research`` style), or passes it to
+the chat template as a ``system`` message.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ SCHEMA_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 TEXT_STYLES = ("research", "chat_template")
 LOSS_ON = ("all", "assistant")
-USER, ASSISTANT = "###USER: ", "\n###ASSISTANT: "
+SYSTEM_TURNS = ("prepend", "drop")
+USER, ASSISTANT = "###USER: ", "###ASSISTANT: "
+
+
+class Dialogue(list):
+    """A sample cut from a conversation (UltraChat): the research wrote every turn of it on its own line."""
 
 
 def _text(value, column: str) -> str:
@@ -51,7 +58,7 @@ def _artificial_thinker(row: dict) -> list[Sample]:
     return [[("user", _text(row["prompt"], "prompt")), ("assistant", answer)]]
 
 
-def _ultrachat(row: dict) -> list[Sample]:
+def _ultrachat(row: dict, system_turns: str = "prepend") -> list[Sample]:
     """One sample per assistant turn: the conversation up to and including that turn."""
     messages = row["messages"]
     if not isinstance(messages, list):
@@ -64,26 +71,26 @@ def _ultrachat(row: dict) -> list[Sample]:
             raise TypeError(f"a message is not a {{role, content}} mapping: {str(m)[:60]!r}")
         role, content = m["role"], _text(m["content"], "messages.content")
         if role == "system":
-            system = content
+            system = content if system_turns == "prepend" else None
         elif role == "user":
             turns.append(("user", f"{system}\n\n{content}" if system else content))
             system = None
         elif role == "assistant":
             turns.append(("assistant", content))
-            samples.append(list(turns))
+            samples.append(Dialogue(turns))
         else:
             raise TypeError(f"unknown message role {role!r} (expected system, user, assistant)")
     return samples
 
 
-def formatter(schema: str, prompt_column: str = "prompt", response_column: str = "response"):
+def formatter(schema: str, prompt_column: str = "prompt", response_column: str = "response", system_turns="prepend"):
     """The function ``row -> list[Sample]`` for a schema."""
     if schema == "magicoder":
         return _pair("problem", "solution")
     if schema == "metamath":
         return _pair("query", "response")
     if schema == "ultrachat":
-        return _ultrachat
+        return lambda row: _ultrachat(row, system_turns)
     if schema == "artificial_thinker":
         return _artificial_thinker
     if schema == "prompt_response":
@@ -92,15 +99,18 @@ def formatter(schema: str, prompt_column: str = "prompt", response_column: str =
 
 
 def render_research(sample: Sample) -> tuple[str, list[tuple[int, int]]]:
-    """The research's text and the character spans of assistant answers."""
+    """The research's text and the character spans of assistant answers.
+
+    A question and its answer: ``###USER: {q}\\n###ASSISTANT: {a}``. A dialogue: every turn on its own line,
+    ``###USER: {u}\\n`` and ``###ASSISTANT: {a}\\n``, the last one included."""
+    dialogue = isinstance(sample, Dialogue)
     text, spans = "", []
     for i, (role, content) in enumerate(sample):
-        if role == "user":
-            text += ("\n" if i else "") + USER + content
-        else:
-            text += ASSISTANT
+        text += "" if dialogue or i == 0 else "\n"
+        text += USER if role == "user" else ASSISTANT
+        if role == "assistant":
             spans.append((len(text), len(text) + len(content)))
-            text += content
+        text += content + ("\n" if dialogue else "")
     return text, spans
 
 
@@ -122,20 +132,31 @@ def render_chat(sample: Sample, tokenizer, template: str | None) -> tuple[str, l
 
 
 def tokenize_sample(
-    sample: Sample, tokenizer, style: str, loss_on: str, max_seq_length: int, template: str | None = None
+    sample: Sample,
+    tokenizer,
+    style: str,
+    loss_on: str,
+    max_seq_length: int,
+    template: str | None = None,
+    eos: bool = True,
 ) -> dict:
-    """Token ids, labels and a truncation flag for one sample; EOS closes it."""
+    """Token ids, labels and a truncation flag for one sample; with ``eos``, EOS closes it."""
+    from fff_lightning.tokenizer import encode
+
     text, spans = render_research(sample) if style == "research" else render_chat(sample, tokenizer, template)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=loss_on == "assistant")
-    ids = list(enc["input_ids"]) + [tokenizer.eos_token_id]
+    # Research text is plain text: SentencePiece's own ids. A chat template's text holds special tokens, which
+    # only the transformers tokenizer reads as such.
+    ids, offsets = encode(tokenizer, text, sentencepiece=style == "research")
+    end = [tokenizer.eos_token_id] if eos else []
     if loss_on == "all":
-        labels = list(ids)
+        labels = ids + end
     else:
         # A token is an answer token when its characters overlap an assistant span (SentencePiece's "▁Tom"
         # starts on the space before the answer); EOS is learned too.
         labels = [
-            tok if any(start < b and end > a for a, b in spans) else -100
-            for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-        ] + [tokenizer.eos_token_id]
+            tok if any(start < b and stop > a for a, b in spans) else -100
+            for tok, (start, stop) in zip(ids, offsets, strict=True)
+        ] + end
+    ids = ids + end
     truncated = len(ids) > max_seq_length
     return {"input_ids": ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}

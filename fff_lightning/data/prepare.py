@@ -17,7 +17,7 @@ from fff_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 #: Bump when formatting or tokenization changes, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the research's dialogue newlines, SentencePiece ids, eos and system_turns options
 
 
 @dataclass
@@ -28,6 +28,8 @@ class TextOptions:
     loss_on: str
     max_seq_length: int
     chat_template: str | None
+    eos: bool = True
+    system_turns: str = "prepend"
 
 
 @dataclass
@@ -44,12 +46,15 @@ class Prepared:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    probe = "###USER: Hello, world!\n###ASSISTANT: 42 is ▁the answer."
+    from fff_lightning.tokenizer import encode
+
+    probe = "###USER: Hello,  world!\n###ASSISTANT:    42 is ▁the answer."
     data = [
         getattr(tokenizer, "name_or_path", ""),
         len(tokenizer),
         tokenizer.eos_token_id,
         tokenizer(probe)["input_ids"],
+        encode(tokenizer, probe)[0],
     ]
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
@@ -89,7 +94,7 @@ def _check_columns(ds, src: SourceConfig) -> None:
 
 
 def _tokenize(ds, src: SourceConfig, tokenizer, opts: TextOptions, num_proc: int | None, what: str, key: str):
-    fmt = formatter(src.schema, src.prompt_column, src.response_column)
+    fmt = formatter(src.schema, src.prompt_column, src.response_column, opts.system_turns)
 
     def batch_fn(batch: dict, indices: list[int]) -> dict:
         out = {"input_ids": [], "labels": [], "truncated": [], "length": []}
@@ -100,7 +105,9 @@ def _tokenize(ds, src: SourceConfig, tokenizer, opts: TextOptions, num_proc: int
             except (TypeError, KeyError) as e:
                 raise ConfigError(f"data.sources.{src.name}", f"{what} row {i}: {e}") from None
             for s in samples:
-                t = tokenize_sample(s, tokenizer, opts.style, opts.loss_on, opts.max_seq_length, opts.chat_template)
+                t = tokenize_sample(
+                    s, tokenizer, opts.style, opts.loss_on, opts.max_seq_length, opts.chat_template, opts.eos
+                )
                 for k in ("input_ids", "labels", "truncated"):
                     out[k].append(t[k])
                 out["length"].append(len(t["input_ids"]))

@@ -32,7 +32,9 @@ class PromptRows(Dataset):
                 add_generation_prompt=True,
             )
             text = text.removeprefix(self.tokenizer.bos_token or "")
-        return {"input_ids": self.tokenizer(text)["input_ids"], "prompt": p}
+        from fff_lightning.tokenizer import encode
+
+        return {"input_ids": encode(self.tokenizer, text, sentencepiece=self.style == "research")[0], "prompt": p}
 
 
 def read_prompts(path: str) -> list[str]:

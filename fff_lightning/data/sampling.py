@@ -9,10 +9,24 @@ import random
 
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+SHUFFLES = ("fff_lightning", "datasets")
 
-def mix_order(lengths: list[int], repeats: list[int], seed: int) -> list[tuple[int, int]]:
-    """Every training row of every source, ``repeat`` times, shuffled once with ``seed`` (the research's mix)."""
+
+def mix_order(
+    lengths: list[int], repeats: list[int], seed: int, shuffle: str = "fff_lightning"
+) -> list[tuple[int, int]]:
+    """Every training row of every source, ``repeat`` times, shuffled once with ``seed``.
+
+    The rows are laid out source after source (each repeat a whole block), then shuffled: ``fff_lightning`` with
+    Python's ``random.Random(seed)``; ``datasets`` with the permutation ``datasets.Dataset.shuffle(seed=seed)`` applies
+    to a concatenation (NumPy's ``default_rng(seed).permutation``): the research's own mix, when the sources are
+    listed in its order (MetaMathQA, Magicoder, UltraChat, ArtificialThinkerSet).
+    """
     order = [(s, r) for s, (n, k) in enumerate(zip(lengths, repeats, strict=True)) for _ in range(k) for r in range(n)]
+    if shuffle == "datasets":
+        import numpy as np
+
+        return [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
     random.Random(seed).shuffle(order)
     return order
 

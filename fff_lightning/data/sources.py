@@ -81,10 +81,11 @@ class SourceConfig:
 
 
 def research_sources() -> list[SourceConfig]:
-    """The FFF study's mix (hub ids): its training slices, its per-dataset validation sets, AT x6."""
+    """The FFF study's mix (hub ids), in the order it concatenated them (which its shuffle depends on): its
+    training slices, its per-dataset validation sets, ArtificialThinkerSet x6."""
     return [
-        SourceConfig("magicoder", "ise-uiuc/Magicoder-OSS-Instruct-75K", "magicoder", train_rows=10000, val_rows=1000),
         SourceConfig("metamath", "meta-math/MetaMathQA", "metamath", train_rows=10000, val_rows=1000),
+        SourceConfig("magicoder", "ise-uiuc/Magicoder-OSS-Instruct-75K", "magicoder", train_rows=10000, val_rows=1000),
         SourceConfig(
             "ultrachat",
             "HuggingFaceH4/ultrachat_200k",

@@ -45,6 +45,11 @@ class FFFModule(L.LightningModule):
         betas: AdamW betas.
         scheduler: ``linear`` (decay to 0), ``cosine`` (to 0) or ``constant``, each after ``warmup_steps``.
         warmup_steps: linear warm-up steps.
+        warmup_from_zero: the warm-up starts at learning rate 0, so the first step changes nothing (Hugging Face's
+            schedule, the research's); otherwise step ``k`` of the warm-up uses ``lr * (k + 1) / (warmup + 1)``.
+        val_reduction: how a dataset's validation loss is reduced: ``tokens`` (every scored token weighs the same)
+            or ``batches`` (the mean of per-batch means weighted by batch size: Hugging Face's ``eval_loss``, the
+            research's table, which depends on ``data.val_batch_size``; not with packing).
         seed: seeds the adapters' initialisation.
         max_new_tokens: answer length for ``predict``.
     """
@@ -61,6 +66,8 @@ class FFFModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         scheduler: str = "linear",
         warmup_steps: int = 1,
+        warmup_from_zero: bool = False,
+        val_reduction: str = "tokens",
         seed: int = 12,
         max_new_tokens: int = 128,
     ):
@@ -70,12 +77,14 @@ class FFFModule(L.LightningModule):
         self.adapter_path = adapter_path
         choice("model.optimizer", optimizer, OPTIMIZERS)
         choice("model.scheduler", scheduler, SCHEDULERS)
+        choice("model.val_reduction", val_reduction, table.REDUCTIONS)
         if not lr > 0:
             raise ConfigError("model.lr", f"must be > 0; got {lr!r}")
         if warmup_steps < 0:
             raise ConfigError("model.warmup_steps", f"must be >= 0; got {warmup_steps!r}")
         self.optim = dict(name=optimizer, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-        self.sched = dict(name=scheduler, warmup=warmup_steps)
+        self.sched = dict(name=scheduler, warmup=warmup_steps, from_zero=warmup_from_zero)
+        self.val_reduction = val_reduction
         self.seed = seed
         self.max_new_tokens = max_new_tokens
         # The init arguments themselves (dataclasses as dicts), so LightningCLI can re-read them from a checkpoint.
@@ -91,6 +100,8 @@ class FFFModule(L.LightningModule):
                 "betas": list(betas),
                 "scheduler": scheduler,
                 "warmup_steps": warmup_steps,
+                "warmup_from_zero": warmup_from_zero,
+                "val_reduction": val_reduction,
                 "seed": seed,
                 "max_new_tokens": max_new_tokens,
             }
@@ -185,34 +196,36 @@ class FFFModule(L.LightningModule):
             self.preflight(self.trainer)  # a no-op after the CLI's, before the model loads either way
         dm = self.trainer.datamodule
         self.val_names = list(getattr(dm, "val_names", []) or [])
+        if self.val_reduction == "batches" and getattr(dm, "packing", False):
+            raise ConfigError("model.val_reduction", "'batches' weighs padded batches; it has no meaning with packing")
         if stage in ("fit", "validate", "test"):
-            # Three sums per dataset: loss over scored tokens, scored tokens, and samples.
-            self.loss_sums = torch.nn.ModuleList(SumMetric() for _ in self.val_names)
-            self.token_counts = torch.nn.ModuleList(SumMetric() for _ in self.val_names)
-            self.sample_counts = torch.nn.ModuleList(SumMetric() for _ in self.val_names)
+            # Four sums per dataset: loss over scored tokens, scored tokens, samples, and batch means x samples.
+            self.sums = torch.nn.ModuleList(torch.nn.ModuleList(SumMetric() for _ in range(4)) for _ in self.val_names)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
         n_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
+        n_samples = batch.get("num_samples", batch["input_ids"].shape[0])
         loss = self(batch).loss.float()  # mean over the batch's scored tokens
-        self.loss_sums[dataloader_idx].update(loss * n_tokens)
-        self.token_counts[dataloader_idx].update(n_tokens)
-        self.sample_counts[dataloader_idx].update(batch.get("num_samples", batch["input_ids"].shape[0]))
+        values = (loss * n_tokens, n_tokens, n_samples, loss * n_samples)
+        for metric, value in zip(self.sums[dataloader_idx], values, strict=True):
+            metric.update(value)
 
     test_step = validation_step
 
     def _epoch_results(self) -> list[dict]:
         results = []
-        for i, name in enumerate(self.val_names):
-            sums = [float(m[i].compute()) for m in (self.loss_sums, self.token_counts, self.sample_counts)]
-            results.append(table.row(name, *sums))
-            for m in (self.loss_sums, self.token_counts, self.sample_counts):
-                m[i].reset()
+        for name, metrics in zip(self.val_names, self.sums, strict=True):
+            loss_sum, tokens, samples, batch_sum = (float(m.compute()) for m in metrics)
+            results.append(table.row(name, loss_sum, tokens, samples, batch_sum, self.val_reduction))
+            for m in metrics:
+                m.reset()
         return results
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            for m in (*self.loss_sums, *self.token_counts, *self.sample_counts):
-                m.reset()
+            for metrics in self.sums:
+                for m in metrics:
+                    m.reset()
             return
         results = self._epoch_results()
         for r in results:
@@ -254,7 +267,7 @@ class FFFModule(L.LightningModule):
 
         def factor(step: int) -> float:
             if step < warmup:
-                return (step + 1) / (warmup + 1)
+                return step / warmup if self.sched["from_zero"] else (step + 1) / (warmup + 1)
             if self.sched["name"] == "constant":
                 return 1.0
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)

@@ -12,14 +12,33 @@ import json
 import math
 from pathlib import Path
 
-COLUMNS = ["run", "dataset", "rows", "tokens", "loss", "ppl", "seen_in_training"]
+COLUMNS = ["run", "dataset", "rows", "tokens", "loss", "ppl", "seen_in_training", "reduction"]
+REDUCTIONS = ("tokens", "batches")
+REDUCTION_NOTES = {
+    "tokens": "loss: token-weighted mean cross-entropy (every scored token weighs the same)",
+    "batches": "loss: mean of per-batch mean losses, weighted by batch size (Hugging Face's eval_loss, as the "
+    "research's table); it depends on the validation batch size",
+}
 SEEN_NOTE = "`seen_in_training`: the validation rows are also training rows, so that loss is not held-out."
 
 
-def row(dataset: str, loss_sum: float, tokens: float, samples: float) -> dict:
-    """One dataset's row from its sums over the whole validation set."""
-    mean = loss_sum / tokens if tokens else float("nan")
-    return {"dataset": dataset, "rows": int(samples), "tokens": int(tokens), "loss": mean, "ppl": _exp(mean)}
+def row(
+    dataset: str, loss_sum: float, tokens: float, samples: float, batch_sum: float = 0.0, reduction: str = "tokens"
+) -> dict:
+    """One dataset's row from its sums over the whole validation set: the summed token losses and token count,
+    the sample count, and the sum of each batch's mean loss times its sample count."""
+    if reduction == "batches":
+        mean = batch_sum / samples if samples else float("nan")
+    else:
+        mean = loss_sum / tokens if tokens else float("nan")
+    return {
+        "dataset": dataset,
+        "rows": int(samples),
+        "tokens": int(tokens),
+        "loss": mean,
+        "ppl": _exp(mean),
+        "reduction": reduction,
+    }
 
 
 def overall_loss(rows: list[dict]) -> float:
@@ -48,6 +67,7 @@ def show(title: str, rows: list[dict], seen: dict[str, bool]) -> None:
         mark = "[yellow]YES[/yellow]" if seen.get(r["dataset"]) else "no"
         table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['ppl']:.2f}", mark)
     Console().print(table)
+    print(REDUCTION_NOTES[rows[0].get("reduction", "tokens")] if rows else "")
     if any(seen.values()):
         print("YES: these validation rows were also training rows; their loss is not held-out.")
 
@@ -56,13 +76,15 @@ def write(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str)
     """``validation.json``, ``validation.csv`` and ``validation.md`` in ``folder``; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    full = [{**r, "seen_in_training": seen.get(r["dataset"], False), "run": run} for r in rows]
+    full = [{"reduction": "tokens", **r, "seen_in_training": seen.get(r["dataset"], False), "run": run} for r in rows]
     (folder / "validation.json").write_text(json.dumps(full, indent=2) + "\n")
     csv = [",".join(COLUMNS)] + [",".join(_fmt(r[c]) for c in COLUMNS) for r in full]
     (folder / "validation.csv").write_text("\n".join(csv) + "\n")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in full]
     md.append("\n" + SEEN_NOTE)
+    if rows:
+        md.append("\n" + REDUCTION_NOTES[rows[0].get("reduction", "tokens")] + ".")
     (folder / "validation.md").write_text("\n".join(md) + "\n")
     return [folder / f"validation.{e}" for e in ("json", "csv", "md")]
 

@@ -23,6 +23,8 @@ commands:
   predict    answer prompts from a file:   predict --config <run.yaml> --model.adapter_path <dir>
                                            --data.predict_file prompts.jsonl
   budget     trainable parameters of a run config, and --match for a fair comparison
+  sweep      a grid of runs (fit + validate each), with budget-matched LoRA baselines:  sweep --config <grid.yaml>
+  report     table, loss curves and bar graph of runs:  report <run folders...> --out <folder> [--reference research]
   bench      tokens/s and peak memory of fit against bare Unsloth/PEFT loops (GPU; a smoke test on CPU)
 
 `{PROG} <command> --help` lists a command's options.
@@ -205,6 +207,10 @@ def main(argv: list[str] | None = None) -> None:
             from fff_lightning import budget_cli
 
             budget_cli.main(rest)
+        elif command in ("sweep", "report"):
+            import importlib
+
+            importlib.import_module(f"fff_lightning.{command}").main(rest)
         elif command == "bench":
             from fff_lightning.loading import preimport_unsloth
 

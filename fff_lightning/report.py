@@ -1,0 +1,215 @@
+"""``python -m fff_lightning report <run folders...> --out <folder>``: the research's comparison, for any runs.
+
+Writes into ``--out``:
+
+* ``validation.md`` / ``validation.csv``: the per-dataset validation loss of every run, one column per run (from
+  each run's ``validation.json``), with the research's published figures beside them on ``--reference research``;
+* ``train_loss.png`` and ``val_loss.png``: the training and validation loss over optimizer steps, one line per
+  run, read from the runs' TensorBoard event files;
+* ``final_val_loss.png``: the final validation loss per dataset, one bar per run (and per published figure).
+
+A run keeps its colour in every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+from fff_lightning.errors import ConfigError
+
+#: The study's published per-dataset validation losses (its step-2 table: LoRA r46, FFF 6x128 + LoRA r24), under
+#: the dataset names fff_lightning uses.
+RESEARCH = {
+    "research LoRA (published)": {
+        "magicoder": 0.457,
+        "metamath": 0.471,
+        "ultrachat": 1.023,
+        "artificial_thinker": 0.194,
+    },
+    "research FFF (published)": {
+        "magicoder": 0.460,
+        "metamath": 0.476,
+        "ultrachat": 1.049,
+        "artificial_thinker": 0.143,
+    },
+}
+REFERENCE_NOTE = (
+    "The published figures are Hugging Face's eval_loss (a mean of per-batch means, batch 5, model in bf16) on the "
+    "real datasets and weights; compare them with runs validated with `--model.val_reduction batches "
+    "--data.val_batch_size 5`."
+)
+
+
+def read_run(folder: Path) -> dict:
+    """A run's name, validation table and loss curves."""
+    table = folder / "validation.json"
+    if not table.is_file():
+        raise ConfigError("report", f"{folder} has no validation.json: finish the run or run `validate` on it")
+    try:
+        rows = json.loads(table.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("report", f"{table} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    return {"name": folder.name, "rows": rows, "curves": read_curves(folder)}
+
+
+def read_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of the scalar series in a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, dict[int, float]] = {}
+    for f in sorted(folder.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            curves.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: sorted(points.items()) for tag, points in curves.items()}
+
+
+def table_rows(runs: list[dict], reference: bool) -> tuple[list[str], list[str], list[list]]:
+    """``(columns, datasets, values)``: one row per dataset, one column per run (and published figure)."""
+    datasets: list[str] = []
+    for run in runs:
+        for r in run["rows"]:
+            if r["dataset"] not in datasets:
+                datasets.append(r["dataset"])
+    columns = [run["name"] for run in runs] + (list(RESEARCH) if reference else [])
+    values = []
+    for ds in datasets:
+        row = [next((r["loss"] for r in run["rows"] if r["dataset"] == ds), None) for run in runs]
+        row += [RESEARCH[k].get(ds) for k in RESEARCH] if reference else []
+        values.append(row)
+    return columns, datasets, values
+
+
+def write_tables(out: Path, runs: list[dict], reference: bool) -> list[Path]:
+    columns, datasets, values = table_rows(runs, reference)
+    seen = {r["dataset"] for run in runs for r in run["rows"] if r.get("seen_in_training")}
+    reductions = sorted({r.get("reduction", "tokens") for run in runs for r in run["rows"]})
+
+    def cell(v):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    md = ["| dataset | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for ds, row in zip(datasets, values, strict=True):
+        md.append(f"| {ds}{' (seen in training)' if ds in seen else ''} | " + " | ".join(cell(v) for v in row) + " |")
+    md += ["", f"Validation loss per dataset (reduction: {', '.join(reductions)}); lower is better."]
+    if seen:
+        md.append(
+            "(seen in training): that dataset's validation rows are also training rows; its loss is not held-out."
+        )
+    if reference:
+        md.append(REFERENCE_NOTE)
+    (out / "validation.md").write_text("\n".join(md) + "\n")
+    with open(out / "validation.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", *columns])
+        for ds, row in zip(datasets, values, strict=True):
+            w.writerow([ds, *(cell(v) for v in row)])
+    return [out / "validation.md", out / "validation.csv"]
+
+
+def _colours(names: list[str]) -> dict[str, tuple]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+
+def plot_curves(out: Path, runs: list[dict], colours: dict) -> list[Path]:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    files = []
+    for tag, title, fname in (
+        ("train/loss", "Training loss", "train_loss.png"),
+        ("val/loss", "Validation loss (all datasets, token-weighted)", "val_loss.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(12, 5.5))
+        drawn = 0
+        for run in runs:
+            points = run["curves"].get(tag, [])
+            if points:
+                steps, vals = zip(*points, strict=True)
+                ax.plot(
+                    steps,
+                    vals,
+                    label=run["name"],
+                    color=colours[run["name"]],
+                    marker="o" if len(points) < 20 else None,
+                    markersize=3,
+                )
+                drawn += 1
+        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy loss (nats per token)")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+        else:
+            ax.text(0.5, 0.5, f"no '{tag}' values logged", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        files.append(out / fname)
+    return files
+
+
+def plot_bars(out: Path, runs: list[dict], reference: bool, colours: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    columns, datasets, values = table_rows(runs, reference)
+    n = len(columns)
+    width = 0.8 / max(n, 1)
+    fig, ax = plt.subplots(figsize=(max(10, 1.6 * len(datasets) + 0.3 * n + 4), 5.5))
+    for j, name in enumerate(columns):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(datasets))]
+        ys = [row[j] if row[j] is not None else 0 for row in values]
+        if name in RESEARCH:  # published figures: hatched outlines, so they never pass for a run of ours
+            style = {"color": "white", "edgecolor": "black", "hatch": "//" if "LoRA" in name else ".."}
+        else:
+            style = {"color": colours[name]}
+        ax.bar(xs, ys, width, label=name, **style)
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels(datasets)
+    ax.set_title("Final validation loss per dataset")
+    ax.set_xlabel("dataset")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "final_val_loss.png", dpi=120)
+    plt.close(fig)
+    return out / "final_val_loss.png"
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m fff_lightning report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("runs", nargs="+", help="run folders (each with validation.json and TensorBoard events)")
+    p.add_argument("--out", required=True, help="folder for the tables and figures")
+    p.add_argument("--reference", choices=["research"], help="put the study's published figures beside the runs")
+    args = p.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    folders = [Path(r) for r in args.runs]
+    for f in folders:
+        if not f.is_dir():
+            raise ConfigError("report", f"no such run folder: {f}")
+    runs = [read_run(f) for f in folders]
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):  # the same name in two experiments: tell them apart
+        for run, f in zip(runs, folders, strict=True):
+            run["name"] = f"{f.parent.name}/{f.name}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    colours = _colours([r["name"] for r in runs])
+    files = write_tables(out, runs, args.reference == "research")
+    files += plot_curves(out, runs, colours)
+    files.append(plot_bars(out, runs, args.reference == "research", colours))
+    print(f"report of {len(runs)} runs written to {out}: " + ", ".join(f.name for f in files))

@@ -8,11 +8,26 @@ from fff_lightning.cli import describe_run
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.module import FFFModule
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ALL = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+GRIDS = [p for p in ALL if any(line.startswith("sweep:") for line in p.read_text().splitlines())]
+CONFIGS = [p for p in ALL if p not in GRIDS]
 
 
 def test_there_are_configs():
     assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "step2.yaml", "step2_lora.yaml"}
+    assert {p.name for p in GRIDS} == {f"step1_{s}.yaml" for s in ("i", "ii", "iii", "iv")}
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_research_grid_expands_into_runs_whose_budgets_its_comment_states(path):
+    from fff_lightning.sweep import expand, load_grid
+
+    grid = load_grid(path)
+    runs = expand(grid)
+    assert runs and any(r.baseline_of for r in runs)  # every step compares FFF with budget-matched LoRA
+    text = path.read_text()
+    for run in runs:
+        assert run.trainable and f"{run.trainable:,}" in text, run.name
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -36,7 +51,12 @@ def test_step2_pair_matches_the_research():
     )
     assert (fff.lora.rank, fff.lora.lora_alpha, lora.lora.rank, lora.lora.lora_alpha) == (24, 12, 46, 23)
     m = describe_run(root / "step2.yaml").model
-    assert m.optim["name"] == "adamw_8bit" and m.optim["lr"] == 5e-5 and m.sched == {"name": "linear", "warmup": 1}
+    assert m.optim["name"] == "adamw_8bit" and m.optim["lr"] == 5e-5
+    assert m.sched == {"name": "linear", "warmup": 1, "from_zero": True}  # the research's first step at lr 0
+    dm = describe_run(root / "step2.yaml").datamodule
+    assert (dm.opts.eos, dm.opts.system_turns, dm.shuffle, dm.drop_last) == (False, "drop", "datasets", True)
+    assert [s.name for s in dm.sources] == ["metamath", "magicoder", "ultrachat", "artificial_thinker"]
+    assert describe_run(root / "step2.yaml").model.adapters.fff.eps == 1e-6
 
 
 def test_gpu_smoke_overlay_stacks_on_step2(monkeypatch):

@@ -11,7 +11,7 @@ from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.data.formatting import render_research, tokenize_sample
 from fff_lightning.data.sources import BUNDLED, SourceConfig
 from fff_lightning.errors import ConfigError
-from fff_lightning.tokenizer import load_tokenizer
+from fff_lightning.tokenizer import load_tokenizer, sentencepiece_model
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +135,18 @@ def test_k_turn_dialogue_gives_k_samples_and_system_rule(tmp_path, tok):
     m.setup("fit")
     texts = [tok.decode(r["input_ids"], skip_special_tokens=True) for r in m.prepared[0].train]
     assert len(texts) == 3
-    assert texts[0] == "###USER: Be brief.\n\nQ1\n###ASSISTANT: A1"
-    assert (
-        texts[2]
-        == "###USER: Be brief.\n\nQ1\n###ASSISTANT: A1\n###USER: Q2\n###ASSISTANT: A2\n###USER: Q3\n###ASSISTANT: A3"
+    # Every turn of a dialogue on its own line, the last one too: the research's text.
+    assert texts[0] == "###USER: Be brief.\n\nQ1\n###ASSISTANT: A1\n"
+    assert texts[2] == (
+        "###USER: Be brief.\n\nQ1\n###ASSISTANT: A1\n###USER: Q2\n###ASSISTANT: A2\n###USER: Q3\n###ASSISTANT: A3\n"
     )
     assert m.val_names == []
+    dropped = dm(tmp_path, [SourceConfig("uc", str(f), "ultrachat", val_split=None)], system_turns="drop")
+    dropped.setup("fit")
+    assert (
+        tok.decode(dropped.prepared[0].train[0]["input_ids"], skip_special_tokens=True)
+        == "###USER: Q1\n###ASSISTANT: A1\n"
+    )
 
 
 def test_research_template_byte_for_byte(tok):
@@ -149,7 +155,8 @@ def test_research_template_byte_for_byte(tok):
     assert text == "###USER: " + row["problem"] + "\n###ASSISTANT: " + row["solution"]
     assert text[spans[0][0] : spans[0][1]] == row["solution"]
     t = tokenize_sample([("user", row["problem"]), ("assistant", row["solution"])], tok, "research", "all", 4096)
-    assert t["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id] and t["input_ids"][0] == tok.bos_token_id
+    sp = sentencepiece_model(tok)  # the code sample has indented lines: SentencePiece's ids, not transformers'
+    assert t["input_ids"] == [tok.bos_token_id, *sp.encode(text), tok.eos_token_id]
     assert t["labels"] == t["input_ids"]
 
 

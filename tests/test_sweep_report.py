@@ -1,0 +1,93 @@
+"""sweep and report as a user runs them: a 2 x 2 grid on the tiny model, a rerun, a failing run, the figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fff_lightning.errors import ConfigError
+
+ROOT = Path(__file__).parent.parent
+GRID = """\
+sweep:
+  experiment: grid
+  configs: [{quick}]
+  set:
+    trainer.max_steps: 4
+    trainer.val_check_interval: 2
+    trainer.log_every_n_steps: 1
+    trainer.enable_progress_bar: false
+    trainer.enable_model_summary: false
+  grid:
+    model.fff.width: [8, 16]
+    model.fff.layers: ["1-2", "7"]   # the tiny model has 4 layers: the two runs on layer 7 fail
+"""
+
+
+def sweep(grid: Path, logs: Path):
+    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(logs), "--quiet"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=grid.parent, timeout=900)
+
+
+def test_a_2x2_sweep_runs_records_failures_skips_finished_runs_and_reports(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.format(quick=ROOT / "configs" / "quickstart.yaml"))
+    logs = tmp_path / "logs"
+    first = sweep(grid, logs)
+    assert first.returncode == 1, first.stdout + first.stderr  # two runs failed, and the sweep says so
+    status = json.loads((logs / "grid" / "sweep.json").read_text())
+    done = sorted(n for n, e in status.items() if e["state"] == "done")
+    failed = sorted(n for n, e in status.items() if e["state"] == "failed")
+    assert done == ["lora-[16]-2-[gelu_new]-[up_proj]-layers=1-2", "lora-[8]-2-[gelu_new]-[up_proj]-layers=1-2"]
+    assert len(failed) == 2 and all("layer(s) [7] do not exist" in status[n]["error"] for n in failed)
+    for name in done:  # each run went through fit and validate: TensorBoard events, adapter, table
+        run = logs / "grid" / name
+        assert list(run.glob("events.out.tfevents.*")) and (run / "adapter").is_dir()
+        assert [r["dataset"] for r in json.loads((run / "validation.json").read_text())][0] == "magicoder"
+    assert "run 4 of 4" in first.stdout and "left" in first.stdout
+
+    again = sweep(grid, logs)
+    assert "4 runs, 2 already finished, 2 to run" in again.stdout, again.stdout
+    assert json.loads((logs / "grid" / "sweep.json").read_text())[done[0]]["seconds"] == status[done[0]]["seconds"]
+
+    out = tmp_path / "report"
+    runs = [str(logs / "grid" / n) for n in done]
+    cmd = [sys.executable, "-m", "fff_lightning", "report", *runs, "--out", str(out), "--reference", "research"]
+    rep = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    md = (out / "validation.md").read_text()
+    assert "| dataset | " + " | ".join(done) + " | research LoRA (published) | research FFF (published) |" in md
+    assert "| ultrachat | " in md and "1.0230 | 1.0490 |" in md
+    for png in ("train_loss.png", "val_loss.png", "final_val_loss.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("nothing: 1\n", "sweep"),
+        ("sweep:\n  experiment: x\n  configs: [c.yaml]\n", "sweep.grid"),
+        ("sweep:\n  experiment: x\n  configs: [c.yaml]\n  grid: {model.lr: []}\n", "sweep.grid.model.lr"),
+        ("sweep:\n  experiment: x\n  configs: [c.yaml]\n  grid: {model.lr: [1]}\n  grids: 1\n", "sweep.grids"),
+        ("sweep:\n  experiment: x\n  configs: [missing.yaml]\n  grid: {model.lr: [1]}\n", "sweep.configs"),
+    ],
+)
+def test_a_bad_grid_file_is_one_clear_error(tmp_path, text, field):
+    from fff_lightning.sweep import load_grid
+
+    (tmp_path / "c.yaml").write_text("model: {}\n")
+    (tmp_path / "g.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_grid(tmp_path / "g.yaml")
+    assert e.value.field == field
+
+
+def test_report_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
+    from fff_lightning.cli import main
+
+    (tmp_path / "half").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "half"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "has no validation.json" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from fff_lightning.errors import ConfigError
 from fff_lightning.fff import FFFLinear, decoder_layers
 from fff_lightning.lora import peft_kwargs
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, TinyConfig
-from fff_lightning.tokenizer import load_tokenizer
+from fff_lightning.tokenizer import load_tokenizer, save_tokenizer
 
 __all__ = ["BaseModelConfig", "TinyConfig", "build_from_adapter", "build_model", "load_model", "tiny_model_dir"]
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def tiny_model_dir(cfg: BaseModelConfig) -> Path:
             torch.manual_seed(cfg.tiny.seed)
             model = MistralForCausalLM(cfg.shape())
         model.save_pretrained(folder)
-        load_tokenizer(None).save_pretrained(folder)
+        save_tokenizer(load_tokenizer(None), folder)
 
     return write_atomically(cache_dir() / f"tiny-mistral-{key}", build)
 

@@ -8,6 +8,7 @@ a folder that ``AutoTokenizer.from_pretrained`` reads the normal way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +37,15 @@ def mistral_tokenizer_dir() -> Path:
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     return write_atomically(cache_dir() / "mistral-7b-v0.1-tokenizer", build)
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """``save_pretrained``, plus the SentencePiece model (transformers 5 does not write it), so the folder gives
+    research-style token ids too."""
+    tokenizer.save_pretrained(folder)
+    sp = sentencepiece_model(tokenizer)
+    if sp is not None:
+        (Path(folder) / "tokenizer.model").write_bytes(sp.serialized_model_proto())
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
@@ -107,6 +117,13 @@ def encode(tokenizer, text: str, sentencepiece: bool = True) -> tuple[list[int],
     Text is taken literally (``"<s>"`` in it is text, as for SentencePiece).
     """
     sp = sentencepiece_model(tokenizer) if sentencepiece else None
+    if sentencepiece and sp is None and not tokenizer.__dict__.get("_fff_warned"):
+        tokenizer.__dict__["_fff_warned"] = True
+        logging.getLogger(__name__).warning(
+            "no SentencePiece model found for the tokenizer %r: research-style token ids are the transformers "
+            "tokenizer's, which split runs of spaces differently (put its tokenizer.model beside it)",
+            getattr(tokenizer, "name_or_path", ""),
+        )
     if sp is None:
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]

@@ -27,14 +27,14 @@ def random_mistral_7b(folder: Path, quantized: bool = True) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MistralConfig
 
-    from fff_lightning.tokenizer import load_tokenizer
+    from fff_lightning.tokenizer import load_tokenizer, save_tokenizer
 
     bf16 = folder / "bf16"
     if not (bf16 / "config.json").exists():
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(MistralConfig(), dtype=torch.bfloat16)
         model.save_pretrained(bf16)
-        load_tokenizer(None).save_pretrained(bf16)
+        save_tokenizer(load_tokenizer(None), bf16)
         del model
         torch.cuda.empty_cache()
     if not quantized:
@@ -51,7 +51,7 @@ def random_mistral_7b(folder: Path, quantized: bool = True) -> Path:
             bf16, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0}
         )
         model.save_pretrained(nf4)
-        load_tokenizer(None).save_pretrained(nf4)
+        save_tokenizer(load_tokenizer(None), nf4)
         del model
         torch.cuda.empty_cache()
     return nf4

@@ -15,12 +15,12 @@ def make(folder: Path) -> Path:
         return folder
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from fff_lightning.tokenizer import load_tokenizer
+    from fff_lightning.tokenizer import load_tokenizer, save_tokenizer
 
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(MistralConfig(), dtype=torch.bfloat16)
     model.save_pretrained(folder)
-    load_tokenizer(None).save_pretrained(folder)
+    save_tokenizer(load_tokenizer(None), folder)
     return folder
 
 

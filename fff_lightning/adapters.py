@@ -64,19 +64,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, base: dict | None = None) -> Path:
     """Write the adapters alone to ``folder``: safetensors weights and a readable JSON config.
 
+    The folder is written beside its place and renamed into it, so an earlier export survives a crash or a full
+    disk; adapters holding a NaN or an infinity are refused (:class:`NonFiniteAdapters`), never written.
+
     Args:
         model: the adapted model.
-        folder: where to write; created if needed.
-        fff: the :class:`~fff_lightning.fff.FFFConfig` used, or ``None``.
-        lora: the :class:`~fff_lightning.lora.LoRAConfig` used, or ``None``.
+        folder: where to write; created if needed, replaced if it exists.
+        fff: the :class:`~fff_lightning.spec.FFFConfig` used, or ``None``.
+        lora: the :class:`~fff_lightning.spec.LoRAConfig` used, or ``None``.
         base: facts about the base model to check on load (``hidden_size``, ``num_hidden_layers``, ...).
     """
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from fff_lightning.files import write_atomically
+
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteAdapters(f"{len(bad)} adapter tensor(s) hold NaN or infinity (e.g. {bad[0]}); not saved")
     counts = count_parameters(model)
     config = {
         "format_version": 1,
@@ -84,8 +89,16 @@ def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, bas
         "base_model": base or {},
         "parameters": {k: counts[k] for k in (*ADAPTER_KINDS, "trainable")},
     }
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return folder
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_atomically(Path(folder), write, replace=True)
+
+
+class NonFiniteAdapters(RuntimeError):
+    """The adapters hold NaN or infinite values: the run diverged; they are not saved."""
 
 
 def read_adapter_config(folder: str | Path) -> dict:
@@ -93,7 +106,13 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file() or not (Path(folder) / WEIGHTS_NAME).is_file():
         raise ConfigError("adapter", f"{folder} is not an adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("adapter", f"{path} is corrupt ({e}); export the adapters again") from None
+    if not isinstance(config, dict):
+        raise ConfigError("adapter", f"{path} is not an adapter config (a JSON object); export the adapters again")
+    return config
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> None:
@@ -104,7 +123,12 @@ def load_adapters(model: nn.Module, folder: str | Path) -> None:
     from safetensors.torch import load_file
 
     read_adapter_config(folder)
-    saved = load_file(str(Path(folder) / WEIGHTS_NAME))
+    try:
+        saved = load_file(str(Path(folder) / WEIGHTS_NAME))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ConfigError(
+            "adapter", f"{Path(folder) / WEIGHTS_NAME} is truncated or corrupt ({e}); export the adapters again"
+        ) from None
     params = {canonical_name(n): p for n, p in model.named_parameters() if is_adapter(n)}
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))

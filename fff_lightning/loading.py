@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from fff_lightning.adapters import load_adapters
-from fff_lightning.cache import cache_dir, write_atomically
 from fff_lightning.errors import ConfigError
 from fff_lightning.fff import FFFLinear, decoder_layers
+from fff_lightning.files import cache_dir, write_atomically
 from fff_lightning.lora import peft_kwargs
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, TinyConfig
 from fff_lightning.tokenizer import load_tokenizer, save_tokenizer
@@ -104,7 +104,14 @@ def _load_hf(path: str, cfg: BaseModelConfig, dtype: torch.dtype) -> nn.Module:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:  # no network, an unknown id, a gated repository, a folder without weights
+        raise ConfigError(
+            "model.base.name_or_path",
+            f"cannot load {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the id, the network "
+            "(HF_HUB_OFFLINE) and access, or give a local folder",
+        ) from None
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

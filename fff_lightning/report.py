@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
+from fff_lightning.files import atomic_file, write_text
 
 #: The study's published per-dataset validation losses (its step-2 table: LoRA r46, FFF 6x128 + LoRA r24), under
 #: the dataset names fff_lightning uses.
@@ -103,8 +104,8 @@ def write_tables(out: Path, runs: list[dict], reference: bool) -> list[Path]:
         )
     if reference:
         md.append(REFERENCE_NOTE)
-    (out / "validation.md").write_text("\n".join(md) + "\n")
-    with open(out / "validation.csv", "w", newline="") as fh:
+    write_text(out / "validation.md", "\n".join(md) + "\n")
+    with atomic_file(out / "validation.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["dataset", *columns])
         for ds, row in zip(datasets, values, strict=True):

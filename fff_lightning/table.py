@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-COLUMNS = ["run", "dataset", "rows", "tokens", "loss", "ppl", "seen_in_training", "reduction"]
+COLUMNS = ["run", "dataset", "rows", "tokens", "loss", "ppl", "seen_in_training", "reduction", "finite"]
 REDUCTIONS = ("tokens", "batches")
 REDUCTION_NOTES = {
     "tokens": "loss: token-weighted mean cross-entropy (every scored token weighs the same)",
@@ -23,10 +23,17 @@ SEEN_NOTE = "`seen_in_training`: the validation rows are also training rows, so 
 
 
 def row(
-    dataset: str, loss_sum: float, tokens: float, samples: float, batch_sum: float = 0.0, reduction: str = "tokens"
+    dataset: str,
+    loss_sum: float,
+    tokens: float,
+    samples: float,
+    batch_sum: float = 0.0,
+    reduction: str = "tokens",
+    nonfinite_batches: int = 0,
 ) -> dict:
     """One dataset's row from its sums over the whole validation set: the summed token losses and token count,
-    the sample count, and the sum of each batch's mean loss times its sample count."""
+    the sample count, the sum of each batch's mean loss times its sample count, and how many batches had a loss
+    that is not finite (then the row's loss is NaN or infinite, never a number that looks fine)."""
     if reduction == "batches":
         mean = batch_sum / samples if samples else float("nan")
     else:
@@ -38,6 +45,8 @@ def row(
         "loss": mean,
         "ppl": _exp(mean),
         "reduction": reduction,
+        "finite": math.isfinite(mean),
+        "nonfinite_batches": nonfinite_batches,
     }
 
 
@@ -65,27 +74,37 @@ def show(title: str, rows: list[dict], seen: dict[str, bool]) -> None:
         table.add_column(col, justify="left" if col == "dataset" else "right")
     for r in rows:
         mark = "[yellow]YES[/yellow]" if seen.get(r["dataset"]) else "no"
-        table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['ppl']:.2f}", mark)
+        loss = f"{r['loss']:.4f}" if r.get("finite", True) else f"[bold red]{r['loss']} (NOT FINITE)[/bold red]"
+        table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", loss, f"{r['ppl']:.2f}", mark)
     Console().print(table)
     print(REDUCTION_NOTES[rows[0].get("reduction", "tokens")] if rows else "")
+    for r in rows:
+        if not r.get("finite", True):
+            print(f"NOT FINITE: {r['dataset']}: the loss is {r['loss']} ({r.get('nonfinite_batches', '?')} batch(es) "
+                  "not finite): the adapters diverged or the model overflowed; this table is not a result")  # fmt: skip
     if any(seen.values()):
         print("YES: these validation rows were also training rows; their loss is not held-out.")
 
 
 def write(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str) -> list[Path]:
     """``validation.json``, ``validation.csv`` and ``validation.md`` in ``folder``; returns their paths."""
+    from fff_lightning.files import write_text
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    full = [{"reduction": "tokens", **r, "seen_in_training": seen.get(r["dataset"], False), "run": run} for r in rows]
-    (folder / "validation.json").write_text(json.dumps(full, indent=2) + "\n")
+    full = [
+        {"reduction": "tokens", "finite": True, **r, "seen_in_training": seen.get(r["dataset"], False), "run": run}
+        for r in rows
+    ]
+    write_text(folder / "validation.json", json.dumps(full, indent=2) + "\n")
     csv = [",".join(COLUMNS)] + [",".join(_fmt(r[c]) for c in COLUMNS) for r in full]
-    (folder / "validation.csv").write_text("\n".join(csv) + "\n")
+    write_text(folder / "validation.csv", "\n".join(csv) + "\n")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in full]
     md.append("\n" + SEEN_NOTE)
     if rows:
         md.append("\n" + REDUCTION_NOTES[rows[0].get("reduction", "tokens")] + ".")
-    (folder / "validation.md").write_text("\n".join(md) + "\n")
+    write_text(folder / "validation.md", "\n".join(md) + "\n")
     return [folder / f"validation.{e}" for e in ("json", "csv", "md")]
 
 

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from fff_lightning.cache import cache_dir, write_atomically
+from fff_lightning.files import cache_dir, write_atomically
 
 
 def mistral_tokenizer_dir() -> Path:
@@ -56,7 +56,17 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(name_or_path or mistral_tokenizer_dir()))
+    name = str(name_or_path or mistral_tokenizer_dir())
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:  # no network, an unknown id, a gated repository, a folder without one
+        from fff_lightning.errors import ConfigError
+
+        raise ConfigError(
+            "tokenizer",
+            f"cannot load the tokenizer {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the id, "
+            "the network (HF_HUB_OFFLINE) and access, or give a local folder",
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     tok.padding_side = "right"

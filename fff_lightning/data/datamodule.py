@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -169,7 +170,7 @@ class FFFDataModule(L.LightningDataModule):
     def _cache_root(self) -> Path | None:
         if not self.cache:
             return None
-        from fff_lightning.cache import cache_dir
+        from fff_lightning.files import cache_dir
 
         return Path(self.cache_dir) if self.cache_dir else cache_dir() / "data"
 
@@ -255,10 +256,46 @@ class FFFDataModule(L.LightningDataModule):
             "batches_done_in_epoch": done % self.train_batches_per_epoch(),
             "seed": self.seed,
             "train_samples": len(self.train_set),
+            "settings": self.settings(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self.check_resume(state)
         self._skip = int(state.get("batches_done_in_epoch", 0))
+
+    def settings(self) -> dict:
+        """What decides which samples a step sees, in which order: a resume must keep all of it."""
+        return {
+            "sources": [{k: v for k, v in asdict(s).items() if k != "enabled"} for s in self.sources],
+            "text": asdict(self.opts),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "group_by_length": self.group,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "packing": self.packing,
+            "tokens_per_batch": self.tokens_per_batch if self.packing else None,
+        }
+
+    #: Set by ``--resume_changes allow``: resume even if the data settings differ from the checkpoint's.
+    allow_resume_changes = False
+
+    def check_resume(self, state: dict) -> None:
+        """Refuse to resume a checkpoint written with other data settings (unless ``allow_resume_changes``):
+        its position in the epoch would point at other samples."""
+        saved = state.get("settings")
+        if saved is None or self.allow_resume_changes:
+            return
+        now = json.loads(json.dumps(self.settings(), default=str))
+        saved = json.loads(json.dumps(saved, default=str))
+        changed = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+        if changed:
+            raise ConfigError(
+                "ckpt_path",
+                f"the checkpoint was trained with other data settings ({', '.join('data.' + c for c in changed)}): "
+                "resuming would not continue where it stopped. Use the checkpoint's settings, or "
+                "--resume_changes allow if you mean it",
+            )
 
     def val_dataloader(self) -> list[DataLoader]:
         """One dataloader per dataset, in the order of ``val_names``."""

@@ -10,13 +10,15 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fff_lightning.cache import write_atomically
 from fff_lightning.data.formatting import formatter, tokenize_sample
-from fff_lightning.data.sources import SourceConfig, check_json_lines, pick, resolve_path
+from fff_lightning.data.sources import SourceConfig, check_json_lines, json_line_of, pick, resolve_path
 from fff_lightning.errors import ConfigError
+from fff_lightning.files import write_atomically
 
 log = logging.getLogger(__name__)
 #: Bump when formatting or tokenization changes, so old caches are not reused.
+#: Cache entries this process wrote: the summary says "built" for them, not "hit", though setup reads them back.
+BUILT: set[str] = set()
 CACHE_VERSION = 2  # 2: the research's dialogue newlines, SentencePiece ids, eos and system_turns options
 
 
@@ -49,8 +51,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     from fff_lightning.tokenizer import encode
 
     probe = "###USER: Hello,  world!\n###ASSISTANT:    42 is ▁the answer."
+    name = str(getattr(tokenizer, "name_or_path", ""))
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     data = [
-        getattr(tokenizer, "name_or_path", ""),
+        "local" if Path(name).is_dir() else name,  # a folder's place is not its content: moving it keeps the cache
+        vocab,
         len(tokenizer),
         tokenizer.eos_token_id,
         tokenizer(probe)["input_ids"],
@@ -93,7 +98,8 @@ def _check_columns(ds, src: SourceConfig) -> None:
         )
 
 
-def _tokenize(ds, src: SourceConfig, tokenizer, opts: TextOptions, num_proc: int | None, what: str, key: str):
+def _tokenize(ds, src: SourceConfig, tokenizer, opts: TextOptions, num_proc: int | None, what: str, key: str, where):
+    """``where(i)`` names row ``i`` of ``ds`` for a user: file and line where there is one."""
     fmt = formatter(src.schema, src.prompt_column, src.response_column, opts.system_turns)
 
     def batch_fn(batch: dict, indices: list[int]) -> dict:
@@ -103,7 +109,7 @@ def _tokenize(ds, src: SourceConfig, tokenizer, opts: TextOptions, num_proc: int
             try:
                 samples = fmt(row)
             except (TypeError, KeyError) as e:
-                raise ConfigError(f"data.sources.{src.name}", f"{what} row {i}: {e}") from None
+                raise ConfigError(f"data.sources.{src.name}", f"{where(i)}: {e}") from None
             for s in samples:
                 t = tokenize_sample(
                     s, tokenizer, opts.style, opts.loss_on, opts.max_seq_length, opts.chat_template, opts.eos
@@ -188,13 +194,38 @@ def prepare_source(
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     folder = cache_root / f"{src.name}-{key}" if cache_root else None
     if folder is not None and (folder / "done").exists():
-        train = datasets.load_from_disk(str(folder / "train"))
-        val = datasets.load_from_disk(str(folder / "val")) if (folder / "val").exists() else None
-        return Prepared(src, train, val, len(train_idx), len(val_idx), seen, from_cache=True)
+        try:
+            train = datasets.load_from_disk(str(folder / "train"))
+            val = datasets.load_from_disk(str(folder / "val")) if (folder / "val").exists() else None
+            for part in (train, val):  # read the last row of each: a truncated file fails here, not mid-training
+                if part is not None and len(part):
+                    part[len(part) - 1]
+            return Prepared(src, train, val, len(train_idx), len(val_idx), seen, from_cache=str(folder) not in BUILT)
+        except Exception as e:  # a damaged entry (disk error, a file deleted by hand): say so, then rebuild it
+            log.warning("tokenized-data cache entry %s is damaged (%s): rebuilding it", folder, type(e).__name__)
 
-    train = _tokenize(train_raw.select(train_idx), src, tokenizer, opts, num_proc, "train", key)
+    def where(split: str, idx: list[int], raw_files):
+        one = split_files(raw_files, split) if raw_files else []
+        if len(one) == 1 and one[0].endswith(".jsonl"):
+            return lambda i: f"{one[0]}, line {json_line_of(one[0], idx[i])}"
+        return lambda i: f"{split} row {idx[i]}"
+
+    train = _tokenize(
+        train_raw.select(train_idx),
+        src,
+        tokenizer,
+        opts,
+        num_proc,
+        "train",
+        key,
+        where(src.train_split, train_idx, files),
+    )
     val = (
-        _tokenize(val_raw.select(val_idx), src, tokenizer, opts, num_proc, "val", key) if val_raw is not None else None
+        _tokenize(
+            val_raw.select(val_idx), src, tokenizer, opts, num_proc, "val", key, where(src.val_split, val_idx, files)
+        )
+        if val_raw is not None
+        else None
     )
     if folder is not None:
 
@@ -207,6 +238,7 @@ def prepare_source(
             (tmp / "done").touch()
 
         write_atomically(folder, write, replace=True)  # a folder without "done" is a crashed write: replaced
+        BUILT.add(str(folder))
         train = datasets.load_from_disk(str(folder / "train"))
         val = datasets.load_from_disk(str(folder / "val")) if val is not None else None
     return Prepared(src, train, val, len(train_idx), len(val_idx), seen, from_cache=False)

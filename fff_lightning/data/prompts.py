@@ -42,8 +42,14 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("data.predict_file", f"no such file: {path}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError("data.predict_file", f"{path}, line {line}: not UTF-8; save the file as UTF-8") from None
     prompts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if p.suffix == ".jsonl":

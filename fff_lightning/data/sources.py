@@ -132,16 +132,49 @@ def resolve_path(src: SourceConfig) -> tuple[str, str | None, list[str] | None]:
 
 
 def check_json_lines(file: str) -> None:
-    """Name the file and line of the first malformed JSON line (``datasets`` reports neither)."""
+    """Name the file and line of the first malformed JSON line or undecodable byte, and refuse an empty file
+    (``datasets`` reports neither file nor line)."""
+    if Path(file).stat().st_size == 0:
+        raise ConfigError("data", f"{file} is empty: give a file with rows")
     if not file.endswith(".jsonl"):
         return
-    with open(file, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError("data", f"{file}, line {n}: malformed JSON ({e.msg})") from None
+    rows, blank = 0, None
+    with open(file, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    "data",
+                    f"{file}, line {n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the file as UTF-8",
+                ) from None
+            if not line.strip():
+                blank = blank or n
+                continue
+            if blank:
+                raise ConfigError("data", f"{file}, line {blank}: a blank line between rows; remove it")
+            rows += 1
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError("data", f"{file}, line {n}: malformed JSON ({e.msg})") from None
+    if not rows:
+        raise ConfigError("data", f"{file} holds no row (only blank lines)")
+
+
+def json_line_of(file: str, row: int) -> int | None:
+    """The line number of the ``row``-th record (from 0) of a jsonl file: how a user finds a bad row."""
+    if not file.endswith(".jsonl"):
+        return None
+    seen = -1
+    with open(file, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if raw.strip():
+                seen += 1
+                if seen == row:
+                    return n
+    return None
 
 
 def pick(n_total: int, rows: int | float | None, take: str, seed: int) -> list[int]:

@@ -6,7 +6,8 @@ config addresses a callback as ``class_path: fff_lightning.callbacks.<Name>``.
 
 from .adapter_export import AdapterExport
 from .budget import ParameterBudget
+from .interrupt import GracefulInterrupt
 from .seed import DeterministicSeed
 from .throughput import ThroughputMonitor
 
-__all__ = ["AdapterExport", "DeterministicSeed", "ParameterBudget", "ThroughputMonitor"]
+__all__ = ["AdapterExport", "DeterministicSeed", "GracefulInterrupt", "ParameterBudget", "ThroughputMonitor"]

@@ -143,9 +143,11 @@ class ThroughputMonitor(L.Callback):
         }
         if trainer.is_global_zero:
             s = self.summary
+            left_out = (
+                f"first {self.warmup} left out" if len(self.records) > self.warmup else "too few to leave any out"
+            )
             print(
                 f"throughput: median {s['median_tokens_per_s']:,.0f} tokens/s, "
-                f"{s['median_samples_per_s']:.2f} samples/s "
-                f"over {len(timed)} batches (first {min(self.warmup, len(self.records))} left out); "
+                f"{s['median_samples_per_s']:.2f} samples/s over {len(timed)} batches ({left_out}); "
                 f"peak memory {s['peak_mem_gib']:.2f} GiB ({s['memory']})"
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fff_lightning.errors import ConfigError, config_error_in, one_line
+from fff_lightning.errors import ConfigError, Diverged, Interrupted, config_error_in, one_line
 
 PROG = "python -m fff_lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -60,6 +60,7 @@ def _lightning_cli():
 
     class FFFCLI(LightningCLI):
         def __init__(self, *args, **kwargs):
+            self.argv = list(kwargs["args"]) if kwargs.get("args") is not None else sys.argv[1:]
             kwargs.setdefault("parser_class", Parser)
             kwargs.setdefault("seed_everything_default", False)  # the DeterministicSeed callback and the model's seed
             kwargs.setdefault("auto_configure_optimizers", False)
@@ -76,6 +77,18 @@ def _lightning_cli():
                 "--run_name", default=None, help="default: the adapters' legend, e.g. lora-[128]-6-[gelu_new]-[up_proj]"
             )
             parser.add_argument("--logs_dir", default="logs", help="root folder of TensorBoard logs and checkpoints")
+            parser.add_argument(
+                "--resume_changes",
+                default="refuse",
+                choices=["refuse", "allow"],
+                help="with --ckpt_path: refuse (default) or allow a checkpoint whose adapters or data settings differ",
+            )
+            parser.add_argument(
+                "--allow_untrained",
+                type=bool,
+                default=False,
+                help="validate/test/predict without --model.adapter_path or --ckpt_path: freshly initialised adapters",
+            )
             parser.link_arguments(
                 ("model.base.backend", "model.base.name_or_path", "model.base.tokenizer"),
                 "data.tokenizer",
@@ -91,8 +104,9 @@ def _lightning_cli():
             run = cfg.run_name or runs.run_name(adapters, None if self.subcommand in ("fit", None) else
                                                 cfg.model.adapter_path)  # fmt: skip
             if self.subcommand == "fit":
-                if cfg.run_name is None:  # claimed now, atomically: two runs never share a folder
-                    run = runs.claim(Path(cfg.logs_dir) / cfg.experiment, run)
+                # Claimed now, atomically: two runs never share a folder; a named run's folder only when resuming.
+                parent = Path(cfg.logs_dir) / cfg.experiment
+                run = runs.claim(parent, run) if cfg.run_name is None else runs.claim_named(parent, run, cfg.ckpt_path)
                 if cfg.trainer.logger in (None, True):
                     from jsonargparse import Namespace
 
@@ -103,6 +117,12 @@ def _lightning_cli():
                         ),
                     )
             elif self.subcommand is not None:
+                if not (cfg.model.adapter_path or cfg.get("ckpt_path") or cfg.allow_untrained):
+                    raise ConfigError(
+                        "model.adapter_path",
+                        f"{self.subcommand} needs trained adapters: give --model.adapter_path <run>/adapter or "
+                        "--ckpt_path <checkpoint> (--allow_untrained true uses freshly initialised ones)",
+                    )
                 cfg.trainer.logger = False
                 self.save_config_callback = None  # only fit records its config (in its run folder)
                 if "verbose" in cfg:
@@ -117,14 +137,44 @@ def _lightning_cli():
                 cfg.get("ckpt_path"),
             )
 
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            allow = cfg.get("resume_changes") == "allow"
+            self.model.allow_resume_changes = self.datamodule.allow_resume_changes = allow
+            if self.trainer is not None:
+                from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+                from fff_lightning.callbacks import GracefulInterrupt
+                from fff_lightning.checkpoint_io import AtomicCheckpointIO
+
+                if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the user chose
+                    self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+                if not any(isinstance(c, GracefulInterrupt) for c in self.trainer.callbacks):
+                    self.trainer.callbacks.append(GracefulInterrupt())
+                for c in self.trainer.callbacks:
+                    if isinstance(c, GracefulInterrupt):
+                        c.argv = self.argv  # for the resume command it prints
+
         # -- checks before anything loads, and reports after ---------------------------------------------------
         def before_fit(self) -> None:
+            ckpt = self.config[self.subcommand].get("ckpt_path")
+            if ckpt:  # a checkpoint of other adapters or data is refused before anything loads
+                checkpoint = runs.read_checkpoint(ckpt)
+                self.model.check_resume(checkpoint)
+                self.datamodule.check_resume(checkpoint.get(type(self.datamodule).__qualname__, {}))
             self.model.preflight(self.trainer)
+
+        def _parse_ckpt_path(self) -> None:
+            """LightningCLI would replace the command line's model options with the checkpoint's; here the run's
+            options stand, and ``before_fit`` refuses a checkpoint that does not match them."""
 
         def _report(self, what: str) -> None:
             results = getattr(self.model, "last_results", None)
             if results and self.trainer.is_global_zero:
                 table.report(self.run_dir, results, self.datamodule.seen_in_training, self.run, what)
+                if not all(r.get("finite", True) for r in results):
+                    raise Diverged(f"{what}: a dataset's loss is not finite; the table in {self.run_dir} says which")
 
         def after_fit(self) -> None:
             self._report("validation after training")
@@ -225,11 +275,59 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e}", 2)
+    except (Diverged, Interrupted) as e:
+        _fail(f"error: {e}" if isinstance(e, Diverged) else str(e), e.exit_code, release=False)
+    except OSError as e:
+        from fff_lightning.files import DiskFullError
+
+        if isinstance(e, DiskFullError):
+            _fail(f"error: {e}", 1, release=False)
+        if isinstance(e, PermissionError) and e.filename:
+            _fail(f"error: cannot write {e.filename} ({e.strerror}): choose a folder you can write to", 2)
+        raise
     except ValueError as e:  # jsonargparse wraps errors raised while it instantiates configs
         cause = config_error_in(e)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {cause}", 2)
+    except Exception as e:
+        message = _known_failure(e)
+        if message is None:
+            raise
+        bad_input = message.startswith("error: trainer")
+        _fail(message, 2 if bad_input else 1, release=bad_input)
+
+
+def _fail(message: str, code: int, release: bool = True) -> None:
+    """One line on stderr and the exit code. After bad input (``release``), a run folder this process claimed but
+    never used (no checkpoint, adapter or table) is removed, so it does not shift the next run's name; a run that
+    failed while training keeps its folder and logs."""
+    from fff_lightning import runs
+
+    if release:
+        runs.release_unused()
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def _known_failure(e: Exception) -> str | None:
+    """A one-line explanation, with what to do, of failures that are not bugs: out of GPU memory, a GPU asked
+    for where there is none."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return (
+            f"error: out of GPU memory ({str(e).splitlines()[0][:160]}). Lower data.batch_size or "
+            "data.max_seq_length, keep model.base.gradient_checkpointing on (and model.base.checkpoint_layers "
+            "null), or use data.packing with a smaller data.tokens_per_batch"
+        )
+    if type(e).__name__ == "MisconfigurationException":
+        text = str(e).splitlines()[0]
+        if any(w in text.lower() for w in ("gpu", "cuda", "accelerator", "not available")):
+            return (
+                f"error: trainer.accelerator: {text} Use --trainer.accelerator cpu (with a model a CPU can run, "
+                "e.g. configs/quickstart.yaml)"
+            )
+        return f"error: trainer: {text}"
+    return None

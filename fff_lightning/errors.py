@@ -16,6 +16,9 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):  # crosses process boundaries intact (tokenizing with num_proc workers)
+        return (type(self), (self.field, self.message))
+
 
 def config_error_in(e: BaseException) -> str | None:
     """The message of the first ConfigError in an exception's chain (jsonargparse wraps them), or None."""
@@ -44,3 +47,17 @@ def one_line(message: str) -> str:
     reason = next((ln for ln in lines if not ln.startswith(_NOISE)), lines[0] if lines else message)
     reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
     return f"{key.group(1)}: {reason}" if key else reason
+
+
+class Diverged(RuntimeError):
+    """The training loss or a gradient is not finite: the run stops there, and nothing after it is saved."""
+
+    exit_code = 3
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved at a step boundary; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

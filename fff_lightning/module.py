@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -12,10 +13,11 @@ from torchmetrics import SumMetric
 
 from fff_lightning import table
 from fff_lightning.adapters import is_adapter, save_adapters
-from fff_lightning.errors import ConfigError
+from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.loading import load_model, resolve_backend
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
 
+log = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
 
@@ -52,6 +54,9 @@ class FFFModule(L.LightningModule):
             research's table, which depends on ``data.val_batch_size``; not with packing).
         seed: seeds the adapters' initialisation.
         max_new_tokens: answer length for ``predict``.
+        on_nonfinite: what a step whose loss or gradient is NaN or infinite does: ``stop`` the run there (the
+            default: the check costs no GPU sync, so it is read at the next step, before anything is saved) or
+            ``skip`` the step (its update is dropped; a GPU sync per step; skips are counted and logged).
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class FFFModule(L.LightningModule):
         val_reduction: str = "tokens",
         seed: int = 12,
         max_new_tokens: int = 128,
+        on_nonfinite: str = "stop",
     ):
         super().__init__()
         self.base = base
@@ -78,6 +84,8 @@ class FFFModule(L.LightningModule):
         choice("model.optimizer", optimizer, OPTIMIZERS)
         choice("model.scheduler", scheduler, SCHEDULERS)
         choice("model.val_reduction", val_reduction, table.REDUCTIONS)
+        choice("model.on_nonfinite", on_nonfinite, ("stop", "skip"))
+        self.on_nonfinite = on_nonfinite
         if not lr > 0:
             raise ConfigError("model.lr", f"must be > 0; got {lr!r}")
         if warmup_steps < 0:
@@ -104,6 +112,7 @@ class FFFModule(L.LightningModule):
                 "val_reduction": val_reduction,
                 "seed": seed,
                 "max_new_tokens": max_new_tokens,
+                "on_nonfinite": on_nonfinite,
             }
         )
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
@@ -112,6 +121,12 @@ class FFFModule(L.LightningModule):
         self.val_names: list[str] = []
         self._shape = None
         self._preflown = False
+        self._pending = None  # (step, device flag): the last step's finiteness, read at the next step
+        self.skipped_steps = 0
+
+    #: Set by ``--resume_changes allow``: resume a checkpoint whose adapter settings differ from the run's (an init,
+    #: an epsilon); tensors of other names or shapes are refused all the same.
+    allow_resume_changes = False
 
     # -- the interface callbacks use ---------------------------------------------------------------------------
     def base_shape(self):
@@ -154,15 +169,30 @@ class FFFModule(L.LightningModule):
         # and transformers and Unsloth checkpoint (and drop padding masks) only in training mode: train it.
         # Lightning's own loops put it in eval mode for validation and back afterwards.
         self.model.train()
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     # -- checkpoints: adapters only ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
         return {k: v for k, v in super().state_dict(*args, **kwargs).items() if is_adapter(k)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._check_finite()  # a step that diverged is never saved
         checkpoint["fff_adapters"] = self.adapters.to_dict()
 
+    def check_resume(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of other adapters (unless ``allow_resume_changes`` and every tensor still fits)."""
+        if "fff_adapters" not in checkpoint:
+            return
+        saved = AdapterSpec.from_checkpoint(checkpoint)
+        if saved != self.adapters and not self.allow_resume_changes:
+            raise ConfigError(
+                "ckpt_path",
+                f"the checkpoint holds other adapters ({saved.legend()}: {saved.to_dict()}) than this run's "
+                f"({self.adapters.legend()}); give the run's own checkpoint, or --resume_changes allow if you mean it",
+            )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_resume(checkpoint)
         self.configure_model()
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
@@ -188,8 +218,50 @@ class FFFModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self(batch).loss
+        self._step_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.get("num_samples", batch["input_ids"].shape[0]))
         return loss
+
+    # -- numerics: a diverged step never goes unnoticed ----------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        finite = torch.isfinite(self._step_loss)
+        if grads:
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        step = self.trainer.global_step + 1  # the step this update makes, counted from 1
+        if self.on_nonfinite == "skip":
+            if not bool(finite):  # one sync: the update must not happen
+                for p in self._trainable:
+                    p.grad = None  # optimizers leave parameters without a gradient alone
+                self.skipped_steps += 1
+                self.log("train/skipped_steps", float(self.skipped_steps))
+                log.warning("step %d: the loss or a gradient is not finite; step skipped (%d so far)", step,
+                            self.skipped_steps)  # fmt: skip
+        else:
+            self._pending = (step, finite)
+
+    def _check_finite(self) -> None:
+        """Stop the run if the last step was not finite (read now, long after the GPU computed it)."""
+        if self._pending is None:
+            return
+        step, finite = self._pending
+        self._pending = None
+        if not bool(finite):
+            ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or getattr(
+                self.trainer.checkpoint_callback, "last_model_path", ""
+            )
+            last = f"the last checkpoint, {ckpt}, is from before it" if ckpt else "no checkpoint was saved before it"
+            raise Diverged(
+                f"step {step}: the training loss or a gradient is not finite (NaN or infinity): the run diverged "
+                f"and stops here; nothing from step {step} on is saved, {last}. Lower model.lr, or set "
+                "model.on_nonfinite: skip to drop such steps"
+            )
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._check_finite()
+
+    def on_train_end(self) -> None:
+        self._check_finite()
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -199,14 +271,18 @@ class FFFModule(L.LightningModule):
         if self.val_reduction == "batches" and getattr(dm, "packing", False):
             raise ConfigError("model.val_reduction", "'batches' weighs padded batches; it has no meaning with packing")
         if stage in ("fit", "validate", "test"):
-            # Four sums per dataset: loss over scored tokens, scored tokens, samples, and batch means x samples.
-            self.sums = torch.nn.ModuleList(torch.nn.ModuleList(SumMetric() for _ in range(4)) for _ in self.val_names)
+            # Sums per dataset: loss over scored tokens, scored tokens, samples, batch means x samples, and
+            # non-finite batches. nan_strategy="disable": a NaN loss stays NaN in the sums (the default drops
+            # it, and a diverged run would score 0).
+            self.sums = torch.nn.ModuleList(
+                torch.nn.ModuleList(SumMetric(nan_strategy="disable") for _ in range(5)) for _ in self.val_names
+            )
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
         n_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
         n_samples = batch.get("num_samples", batch["input_ids"].shape[0])
         loss = self(batch).loss.float()  # mean over the batch's scored tokens
-        values = (loss * n_tokens, n_tokens, n_samples, loss * n_samples)
+        values = (loss * n_tokens, n_tokens, n_samples, loss * n_samples, (~torch.isfinite(loss)).float())
         for metric, value in zip(self.sums[dataloader_idx], values, strict=True):
             metric.update(value)
 
@@ -215,8 +291,8 @@ class FFFModule(L.LightningModule):
     def _epoch_results(self) -> list[dict]:
         results = []
         for name, metrics in zip(self.val_names, self.sums, strict=True):
-            loss_sum, tokens, samples, batch_sum = (float(m.compute()) for m in metrics)
-            results.append(table.row(name, loss_sum, tokens, samples, batch_sum, self.val_reduction))
+            loss_sum, tokens, samples, batch_sum, bad = (float(m.compute()) for m in metrics)
+            results.append(table.row(name, loss_sum, tokens, samples, batch_sum, self.val_reduction, int(bad)))
             for m in metrics:
                 m.reset()
         return results

@@ -1,0 +1,77 @@
+"""Ctrl-C and SIGTERM save a resumable checkpoint and the adapters, then stop with a line that says how to resume."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+
+from fff_lightning.errors import Interrupted
+
+
+class GracefulInterrupt(L.Callback):
+    """On the first SIGINT (Ctrl-C) or SIGTERM, finish the current training step, save a checkpoint
+    (``<run>/checkpoints/interrupted-step=<n>.ckpt``) and the adapters, and stop with exit code 130 or 143 and the
+    command that resumes. A second Ctrl-C stops at once, saving nothing (the last checkpoint stays).
+
+    ``kill -9`` cannot be caught: it loses the work since the last checkpoint (``ModelCheckpoint``). The CLI adds
+    this callback to every ``fit``.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+        self.argv: list[str] | None = None  # the command's arguments, for the resume line (the CLI sets them)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the user insists: stop now
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again stops at once, saving nothing)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.signum is None:
+            return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        ckpt = folder / "checkpoints" / f"interrupted-step={trainer.global_step}.ckpt"
+        trainer.save_checkpoint(ckpt, weights_only=False)
+        saved = [f"checkpoint {ckpt}"]
+        if hasattr(pl_module, "export_adapters") and trainer.is_global_zero:
+            saved.append(f"adapters {pl_module.export_adapters(folder / 'adapter', global_step=trainer.global_step)}")
+        argv = [a for a in sys.argv[1:] if not a.startswith("--ckpt_path")]
+        resume = shlex.join(
+            ["python", "-m", "fff_lightning", *argv, "--run_name", folder.name, "--ckpt_path", str(ckpt)]
+        )
+        raise Interrupted(
+            f"interrupted by {signal.Signals(self.signum).name} at step {trainer.global_step}; saved "
+            f"{' and '.join(saved)}. Resume with: {resume}",
+            self.signum,
+        )
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without the given options and their values (``--opt value`` or ``--opt=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(f"{o}=" for o in options)):
+            out.append(a)
+    return out

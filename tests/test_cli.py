@@ -9,18 +9,41 @@ ROOT = Path(__file__).parent.parent
 
 
 def run(*args, cwd=ROOT):
+    """The real command line, in a new process."""
     return subprocess.run([sys.executable, "-m", "fff_lightning", *args], cwd=cwd, capture_output=True, text=True)
 
 
+def run_here(*args, cwd=ROOT):
+    """``main`` in this process (no interpreter start-up, same code path): its exit code and output."""
+    import contextlib
+    import io
+    import os
+    import types
+
+    from fff_lightning.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        os.chdir(old)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def test_budget_prints_the_step2_figures():
-    out = run("budget", "--config", "configs/step2.yaml", "--match", "lora_rank")
+    out = run_here("budget", "--config", "configs/step2.yaml", "--match", "lora_rank")
     assert out.returncode == 0, out.stderr
     for figure in ("66,232,320", "62,914,560", "129,146,880", "7,241,732,096", "lora.r = 49"):
         assert figure in out.stdout
 
 
 def test_budget_json_for_the_lora_baseline():
-    out = run("budget", "--config", "configs/step2_lora.yaml", "--json")
+    out = run_here("budget", "--config", "configs/step2_lora.yaml", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["trainable"] == 120_586_240
 
@@ -45,18 +68,20 @@ def test_unknown_field_and_missing_adapter_and_missing_file(tmp_path):
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"c{i}.yaml"
         path.write_text(text)
-        out = run("budget", "--config", str(path))
+        out = run_here("budget", "--config", str(path))
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    out = run("budget", "--config", str(tmp_path / "absent.yaml"))
+    out = run_here("budget", "--config", str(tmp_path / "absent.yaml"))
     assert out.returncode == 2 and "File does not exist" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_budget_takes_several_configs_and_overrides_like_fit():
-    out = run("budget", "--config", "configs/step2.yaml", "--model.lora.r", "8", "--json")
+    out = run_here("budget", "--config", "configs/step2.yaml", "--model.lora.r", "8", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["lora"] == 8 * 2_621_440
-    smoke = run("budget", "--config", "configs/step2.yaml", "--config", "configs/overlays/gpu_smoke.yaml", "--json")
+    smoke = run_here(
+        "budget", "--config", "configs/step2.yaml", "--config", "configs/overlays/gpu_smoke.yaml", "--json"
+    )
     assert smoke.returncode == 0 and json.loads(smoke.stdout)["trainable"] == 129_146_880, smoke.stderr
 
 

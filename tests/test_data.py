@@ -235,6 +235,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     calls = []
     real = prepare._tokenize
     monkeypatch.setattr(prepare, "_tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prepare.BUILT.clear()  # as in a new process: the entry was built by an earlier run
     again = dm(tmp_path, src)
     again.setup("fit")
     assert again.summary[0]["cached"] is True and calls == []
@@ -319,7 +320,7 @@ def write(tmp_path, name, text):
                 "metamath",
                 val_split=None,
             ),
-            "data.sources.x: train row 1: column 'query' holds int, not text",
+            "num.jsonl, line 2: column 'query' holds int, not text",  # named by file and line
         ),
         (lambda t: SourceConfig("x", "bundled:nothing", "metamath"), "no bundled sample 'bundled:nothing'"),
     ],
@@ -335,7 +336,7 @@ def test_failed_preparation_leaves_no_half_written_cache(tmp_path):
         json.dumps({"query": f"q{i}", "response": "r" if i < 9 else ["not", "text"]}) + "\n" for i in range(10)
     )
     f = write(tmp_path, "late_error.jsonl", text)
-    with pytest.raises(ConfigError, match="val row 1: column 'response' holds list"):  # train rows 0-7 were fine
+    with pytest.raises(ConfigError, match="late_error.jsonl, line 10: column 'response' holds list"):  # rows 1-8 fine
         dm(tmp_path, [SourceConfig("x", f, "metamath", train_rows=8, val_rows=2)]).setup("fit")
     cache = tmp_path / "cache"
     assert not cache.exists() or list(cache.iterdir()) == []

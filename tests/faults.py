@@ -1,0 +1,44 @@
+"""Faults injected into real `fit` runs (importable by a `fit` subprocess: PYTHONPATH=tests)."""
+
+import os
+import signal
+
+import lightning as L
+import torch
+
+
+class SignalAtStep(L.Callback):
+    """Send this process a real signal when training step ``step`` (counted from 1) starts."""
+
+    def __init__(self, step: int, signum: str = "SIGINT"):
+        self.step = step
+        self.signum = getattr(signal, signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class NaNAtStep(L.Callback):
+    """Make one adapter weight NaN before training step ``step`` (counted from 1): that step's loss is NaN. With
+    ``transient`` the weight is restored before the optimizer step, so only that step's gradients are NaN."""
+
+    def __init__(self, step: int, transient: bool = False):
+        self.step = step
+        self.transient = transient
+        self.saved = None
+
+    def _weight(self, pl_module):
+        return next(p for n, p in pl_module.model.named_parameters() if "fff_blocks" in n)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            with torch.no_grad():
+                self.saved = self._weight(pl_module).clone()
+                self._weight(pl_module).fill_(float("nan"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.transient and self.saved is not None:
+            with torch.no_grad():
+                self._weight(pl_module).copy_(self.saved)
+            self.saved = None

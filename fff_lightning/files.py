@@ -55,6 +55,7 @@ def write_atomically(dest: Path, build, replace: bool = False) -> Path:
     remove_stale(dest.parent)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest)))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's is private (0700); the folder gets a plain mkdir's mode
         try:
             build(tmp)
         except OSError as e:
@@ -85,6 +86,7 @@ def atomic_file(dest: str | Path, mode: str = "w"):
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_tmp_prefix(dest))
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's is private (0600); the file gets a plain open()'s mode
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -98,6 +100,22 @@ def atomic_file(dest: str | Path, mode: str = "w"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read once (setting it to read it back is not thread-safe, so not done per file)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+            _UMASK = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+        except (OSError, StopIteration, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
 
 
 def write_text(dest: str | Path, text: str) -> Path:

@@ -27,6 +27,7 @@ class GracefulInterrupt(L.Callback):
         self.argv: list[str] | None = None  # the command's arguments, for the resume line (the CLI sets them)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._quiet = not trainer.is_global_zero  # one line per run, not one per process
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
@@ -35,13 +36,19 @@ class GracefulInterrupt(L.Callback):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the user insists: stop now
         self.signum = signum
+        if getattr(self, "_quiet", False):
+            return
         name = signal.Signals(signum).name
         print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again stops at once, saving nothing)",
               file=sys.stderr, flush=True)  # fmt: skip
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.signum is None:
+        stop = self.signum is not None
+        if trainer.world_size > 1:  # every process stops at the same step, even if only one got the signal
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
             return
+        signum = self.signum or signal.SIGTERM
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         ckpt = folder / "checkpoints" / f"interrupted-step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(ckpt, weights_only=False)
@@ -52,10 +59,11 @@ class GracefulInterrupt(L.Callback):
         resume = shlex.join(
             ["python", "-m", "fff_lightning", *argv, "--run_name", folder.name, "--ckpt_path", str(ckpt)]
         )
+        trainer.strategy.barrier("interrupted")  # the other processes stop once the adapters are written
         raise Interrupted(
-            f"interrupted by {signal.Signals(self.signum).name} at step {trainer.global_step}; saved "
+            f"interrupted by {signal.Signals(signum).name} at step {trainer.global_step}; saved "
             f"{' and '.join(saved)}. Resume with: {resume}",
-            self.signum,
+            signum if trainer.is_global_zero else 0,  # the run's status is the first process's
         )
 
     def teardown(self, trainer, pl_module, stage: str) -> None:

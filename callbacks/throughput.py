@@ -54,7 +54,9 @@ class ThroughputMonitor(L.Callback):
     gap between steps are counted (a batch followed by validation or a checkpoint is timed to its own end
     instead). Tokens are real tokens (no padding). Logged as ``perf/tokens_per_s``, ``perf/samples_per_s`` and
     ``perf/peak_mem_gib`` (a few steps late on a GPU: times are read once the GPU has got there); ``summary``
-    holds the end-of-fit figures.
+    holds the end-of-fit figures. With several processes the summary counts every process's tokens (added up once,
+    at the end); the per-step log counts the first process's share times the number of processes, and peak memory
+    is the first process's.
 
     Args:
         warmup: batches left out of the summary's medians.
@@ -78,12 +80,11 @@ class ThroughputMonitor(L.Callback):
         start = self.clock.mark()
         if self._open and "next" not in self._open[-1]:
             self._open[-1]["next"] = start  # the previous batch ran until this one started
-        world = trainer.world_size
         self._open.append(
             {
                 "start": start,
-                "tokens": batch_tokens(batch) * world,
-                "samples": batch.get("num_samples", batch["input_ids"].shape[0]) * world,
+                "tokens": batch_tokens(batch),  # this process's; the summary adds up every process's
+                "samples": batch.get("num_samples", batch["input_ids"].shape[0]),
             }
         )
 
@@ -93,10 +94,11 @@ class ThroughputMonitor(L.Callback):
         if trainer.global_step % self.every == 0 and len(self.records) > self._last_logged:
             self._last_logged = len(self.records)
             dt, tokens, samples = self.records[-1]
+            world = trainer.world_size  # logged per step without a sync: this process's share times the processes
             pl_module.log_dict(
                 {
-                    "perf/tokens_per_s": tokens / dt,
-                    "perf/samples_per_s": samples / dt,
+                    "perf/tokens_per_s": tokens * world / dt,
+                    "perf/samples_per_s": samples * world / dt,
                     "perf/peak_mem_gib": peak_memory_gib(pl_module.device),
                 }
             )
@@ -128,6 +130,10 @@ class ThroughputMonitor(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self._collect(final=True)
+        if trainer.world_size > 1 and self.records:  # every process's tokens and samples, batch by batch
+            counts = torch.tensor([[t, n] for _, t, n in self.records], dtype=torch.float64, device=pl_module.device)
+            counts = trainer.strategy.reduce(counts, reduce_op="sum").cpu().tolist()
+            self.records = [(d, int(t), int(n)) for (d, _, _), (t, n) in zip(self.records, counts, strict=True)]
         timed = self.records[self.warmup :] or self.records
         if not timed:
             return
@@ -140,6 +146,7 @@ class ThroughputMonitor(L.Callback):
             "median_batch_s": statistics.median(d for d, _, _ in timed),
             "peak_mem_gib": peak_memory_gib(pl_module.device),
             "memory": "GPU allocated" if pl_module.device.type == "cuda" else "CPU process RSS",
+            "processes": trainer.world_size,
         }
         if trainer.is_global_zero:
             s = self.summary
@@ -149,5 +156,6 @@ class ThroughputMonitor(L.Callback):
             print(
                 f"throughput: median {s['median_tokens_per_s']:,.0f} tokens/s, "
                 f"{s['median_samples_per_s']:.2f} samples/s over {len(timed)} batches ({left_out}); "
-                f"peak memory {s['peak_mem_gib']:.2f} GiB ({s['memory']})"
+                f"peak memory {s['peak_mem_gib']:.2f} GiB ({s['memory']}"
+                + (f", process 0 of {trainer.world_size}; tokens/s of all of them)" if trainer.world_size > 1 else ")")
             )

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def _lightning_cli():
 
     from fff_lightning import console, runs, table
     from fff_lightning.data.datamodule import FFFDataModule
+    from fff_lightning.distributed import RUN_NAME_ENV, check_strategy, check_strategy_name, launch_rank, processes
     from fff_lightning.module import FFFModule
     from fff_lightning.spec import AdapterSpec
 
@@ -64,6 +66,8 @@ def _lightning_cli():
             kwargs.setdefault("parser_class", Parser)
             kwargs.setdefault("seed_everything_default", False)  # the DeterministicSeed callback and the model's seed
             kwargs.setdefault("auto_configure_optimizers", False)
+            # The data module shares the data out between processes itself (seeded, nothing repeated).
+            kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
             kwargs.setdefault(
                 "parser_kwargs", {"prog": PROG, **{c: {"prog": f"{PROG} {c}"} for c in LIGHTNING_COMMANDS}}
             )
@@ -100,13 +104,19 @@ def _lightning_cli():
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             _resolve_config_paths(cfg)
+            check_strategy_name(cfg.trainer.strategy)  # before the Trainer, the run folder or the model
             adapters = AdapterSpec.resolve(cfg.model.fff, cfg.model.lora, cfg.model.adapter_path)
             run = cfg.run_name or runs.run_name(adapters, None if self.subcommand in ("fit", None) else
                                                 cfg.model.adapter_path)  # fmt: skip
             if self.subcommand == "fit":
                 # Claimed now, atomically: two runs never share a folder; a named run's folder only when resuming.
                 parent = Path(cfg.logs_dir) / cfg.experiment
-                run = runs.claim(parent, run) if cfg.run_name is None else runs.claim_named(parent, run, cfg.ckpt_path)
+                if launch_rank() == 0:
+                    named = cfg.run_name is not None
+                    run = runs.claim_named(parent, run, cfg.ckpt_path) if named else runs.claim(parent, run)
+                    os.environ[RUN_NAME_ENV] = run  # for the processes Lightning's launcher starts for the others
+                else:  # only the first process writes; trainer.log_dir hands its folder to every process
+                    run = os.environ.get(RUN_NAME_ENV, run)
                 if cfg.trainer.logger in (None, True):
                     from jsonargparse import Namespace
 
@@ -158,12 +168,24 @@ def _lightning_cli():
 
         # -- checks before anything loads, and reports after ---------------------------------------------------
         def before_fit(self) -> None:
-            ckpt = self.config[self.subcommand].get("ckpt_path")
-            if ckpt:  # a checkpoint of other adapters or data is refused before anything loads
-                checkpoint = runs.read_checkpoint(ckpt)
-                self.model.check_resume(checkpoint)
-                self.datamodule.check_resume(checkpoint.get(type(self.datamodule).__qualname__, {}))
-            self.model.preflight(self.trainer)
+            try:
+                ckpt = self.config[self.subcommand].get("ckpt_path")
+                if ckpt:  # a checkpoint of other adapters or data is refused before anything loads
+                    checkpoint = runs.read_checkpoint(ckpt)
+                    self.model.check_resume(checkpoint)
+                    state = checkpoint.get(type(self.datamodule).__qualname__, {})
+                    self.datamodule.check_resume(state, processes(self.trainer))
+                check_strategy(self.trainer)
+                self.model.preflight(self.trainer)
+            except BaseException:
+                for logger in self.trainer.loggers:  # close event files before the unused run folder goes
+                    logger.finalize("failed")
+                raise
+
+        def before_validate(self) -> None:
+            check_strategy(self.trainer)  # before the model loads
+
+        before_test = before_predict = before_validate
 
         def _parse_ckpt_path(self) -> None:
             """LightningCLI would replace the command line's model options with the checkpoint's; here the run's
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         _fail(f"error: {e}", 2)
     except (Diverged, Interrupted) as e:
-        _fail(f"error: {e}" if isinstance(e, Diverged) else str(e), e.exit_code, release=False)
+        _fail(f"error: {e}" if isinstance(e, Diverged) else str(e) if e.exit_code else "", e.exit_code, release=False)
     except OSError as e:
         from fff_lightning.files import DiskFullError
 
@@ -307,7 +329,8 @@ def _fail(message: str, code: int, release: bool = True) -> None:
 
     if release:
         runs.release_unused()
-    print(message, file=sys.stderr)
+    if message:
+        print(message, file=sys.stderr)
     sys.exit(code)
 
 

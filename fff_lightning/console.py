@@ -33,6 +33,8 @@ def setup() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("kernels-community"))
     # Lightning's own use of a torch API deprecated in torch 2.13: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Validation losses are logged after their sums were added up across processes: the advice does not apply.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 class _LevelFormatter(logging.Formatter):

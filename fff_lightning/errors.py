@@ -59,5 +59,6 @@ class Interrupted(RuntimeError):
     """Ctrl-C or SIGTERM: a checkpoint was saved at a step boundary; the message says how to resume."""
 
     def __init__(self, message: str, signum: int):
+        """``signum`` 0: a process other than the first of several, which stops quietly with status 0."""
         super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        self.exit_code = 128 + signum if signum else 0  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

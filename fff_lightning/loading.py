@@ -86,9 +86,21 @@ def tiny_model_dir(cfg: BaseModelConfig) -> Path:
 
 
 def _device_map():
+    """The whole model on this process's device: under Lightning (one device or DDP, whatever the launcher:
+    its own, torchrun, SLURM) the strategy has made it the current CUDA device before the model is configured,
+    so each process loads its own (4-bit) copy onto its own GPU."""
     if torch.cuda.is_available():
-        return {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))}
+        return {"": torch.device("cuda", torch.cuda.current_device())}
     return {"": "cpu"}
+
+
+def _unsloth_device_map() -> dict:
+    """One process: Unsloth's own placement (what docs/benchmarks.md measured). Several: this process's device,
+    named as Unsloth names it, so every process loads its own copy onto its own GPU whatever the launcher."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return {"device_map": {"": f"cuda:{torch.cuda.current_device()}"}}
+    return {}
 
 
 def _load_hf(path: str, cfg: BaseModelConfig, dtype: torch.dtype) -> nn.Module:
@@ -134,7 +146,11 @@ def _load_unsloth(path: str, cfg: BaseModelConfig, dtype: torch.dtype):
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=path, max_seq_length=cfg.max_seq_length, dtype=dtype, load_in_4bit=cfg.load_in_4bit
+        model_name=path,
+        max_seq_length=cfg.max_seq_length,
+        dtype=dtype,
+        load_in_4bit=cfg.load_in_4bit,
+        **_unsloth_device_map(),
     )
     return model, tokenizer
 

@@ -13,6 +13,7 @@ from torchmetrics import SumMetric
 
 from fff_lightning import table
 from fff_lightning.adapters import is_adapter, save_adapters
+from fff_lightning.distributed import check_strategy
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.loading import load_model, resolve_backend
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
@@ -78,6 +79,9 @@ class FFFModule(L.LightningModule):
         on_nonfinite: str = "stop",
     ):
         super().__init__()
+        # With several processes a small validation set leaves some of them no batch of a dataset: they add zeros
+        # to its sums, and no sample is repeated to even the processes out.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.base = base
         self.adapters = AdapterSpec.resolve(fff, lora, adapter_path)  # the one answer to "which adapters"
         self.adapter_path = adapter_path
@@ -218,9 +222,23 @@ class FFFModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss = self(batch).loss
-        self._step_loss = loss.detach()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.get("num_samples", batch["input_ids"].shape[0]))
+        logged = loss.detach()
+        if self.trainer.world_size > 1:
+            loss, logged = self._global_token_mean(loss, batch["labels"])
+        self._step_loss = logged
+        self.log("train/loss", logged, prog_bar=True, batch_size=batch.get("num_samples", batch["input_ids"].shape[0]))
         return loss
+
+    def _global_token_mean(self, loss: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``W`` processes, weigh each one's mean loss by its share of the step's scored tokens, so the
+        gradient DDP averages is that of the mean over every scored token of the step: the same as one device with
+        ``W`` times the batch. One all-reduce of two numbers per step, on the device (no host sync). Returns the
+        loss to differentiate and the step's mean loss over all processes (what is logged and checked)."""
+        n = (labels[:, 1:] != -100).sum().to(loss.dtype)  # the model's own denominator: labels shifted by one
+        stats = torch.stack([n, loss.detach() * n])
+        torch.distributed.all_reduce(stats)
+        total = stats[0].clamp_min(1)
+        return loss * n * self.trainer.world_size / total, stats[1] / total
 
     # -- numerics: a diverged step never goes unnoticed ----------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -264,6 +282,7 @@ class FFFModule(L.LightningModule):
         self._check_finite()
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer)  # one device or DDP, before the model loads
         if stage == "fit":
             self.preflight(self.trainer)  # a no-op after the CLI's, before the model loads either way
         dm = self.trainer.datamodule

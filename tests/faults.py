@@ -8,14 +8,16 @@ import torch
 
 
 class SignalAtStep(L.Callback):
-    """Send this process a real signal when training step ``step`` (counted from 1) starts."""
+    """Send this process a real signal when training step ``step`` (counted from 1) starts; with several
+    processes, only the process of global rank ``rank`` (all of them if ``None``)."""
 
-    def __init__(self, step: int, signum: str = "SIGINT"):
+    def __init__(self, step: int, signum: str = "SIGINT", rank: int | None = None):
         self.step = step
         self.signum = getattr(signal, signum)
+        self.rank = rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step + 1 == self.step:
+        if trainer.global_step + 1 == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, adapter_weights, losses
 
 from fff_lightning.cli import main, run_lightning
 from fff_lightning.errors import ConfigError, Diverged
 
 ROOT = Path(__file__).parent.parent
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # `faults` for the subprocesses
 
 
 def args(logs, *extra, steps=8, command="fit"):
@@ -62,24 +62,6 @@ def subprocess_fit(logs, *extra, steps=8):
 def run_dir(logs) -> Path:
     (run,) = [p for p in (Path(logs) / "quickstart").iterdir() if p.is_dir()]
     return run
-
-
-def losses(run: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = {}
-    for f in sorted(run.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f))
-        acc.Reload()
-        if "train/loss" in acc.Tags()["scalars"]:
-            out.update({s.step: s.value for s in acc.Scalars("train/loss")})
-    return out
-
-
-def adapter_weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")

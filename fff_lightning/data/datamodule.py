@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from fff_lightning.data.collate import LeftPadCollator, PackCollator, PadCollator
 from fff_lightning.data.formatting import LOSS_ON, SYSTEM_TURNS, TEXT_STYLES
@@ -17,13 +17,13 @@ from fff_lightning.data.prompts import PromptRows, read_prompts
 from fff_lightning.data.sampling import (
     SHUFFLES,
     PlannedBatchSampler,
-    ResumableBatchSampler,
     ResumableLoader,
     group_by_length,
     mix_order,
     pack_batches,
 )
 from fff_lightning.data.sources import SourceConfig, research_sources
+from fff_lightning.distributed import check_strategy, processes
 from fff_lightning.errors import ConfigError
 from fff_lightning.spec import choice
 
@@ -195,37 +195,72 @@ class FFFDataModule(L.LightningDataModule):
         if self.prepared:
             return
         self.prepared = self._prepare_all()
+        world, _ = self._ranks()
         parts = [p.train for p in self.prepared]
         order = mix_order([len(p) for p in parts], [p.source.repeat for p in self.prepared], self.seed, self.shuffle)
         if self.group and not self.packing:
             lengths = [p["length"] for p in parts]
-            order = group_by_length(order, lambda x: lengths[x[0]][x[1]], self.batch_size, self.seed)
+            order = group_by_length(order, lambda x: lengths[x[0]][x[1]], self.batch_size * world, self.seed)
         self.train_set = TokenizedRows(parts, order)
         self.val_sets = [
             TokenizedRows([p.val], [(0, r) for r in range(len(p.val))]) for p in self.prepared if p.val is not None
         ]
         self.val_names = [p.source.name for p in self.prepared if p.val is not None]
-        self.train_batches = self._plan(self.train_set, self.seed)
-        self.val_batches = [self._plan(ds, None) for ds in self.val_sets]
+        self.train_batches = self._train_plan()
+        self.val_batches = [self._val_plan(ds) for ds in self.val_sets]
         self.summary = self._summarise()
-        self._print_summary()
+        if self._ranks()[1] == 0:
+            self._print_summary()
 
-    def _plan(self, ds: TokenizedRows, seed: int | None) -> list[list[int]] | None:
-        """Packed batches (lists of sample indices) of at most ``tokens_per_batch`` tokens; ``None`` unpacked."""
-        return pack_batches(ds.lengths(), self.tokens_per_batch, seed) if self.packing else None
+    # -- which samples each step (and each process) sees ---------------------------------------------------------
+    def _ranks(self) -> tuple[int, int]:
+        """``(world size, this process's rank)``: several processes (DDP) share the data out between them."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _train_plan(self) -> list[list[int]]:
+        """This process's training batches (lists of sample indices), in order.
+
+        One process: batches of ``batch_size`` in the mix's order (packed: of at most ``tokens_per_batch`` tokens).
+        ``W`` processes: step ``k`` takes the samples one process would see at step ``k`` with ``W`` times the batch,
+        split in ``W`` parts in order (packed: the plan's batches ``kW`` to ``kW + W - 1``), so nothing overlaps and
+        nothing is left out but a last step too small to give every process a sample.
+        """
+        world, rank = self._ranks()
+        if self.packing:
+            plan = pack_batches(self.train_set.lengths(), self.tokens_per_batch, self.seed)
+            steps = len(plan) // world if world > 1 else len(plan)
+            return [plan[k * world + rank] for k in range(steps)]
+        n, size = len(self.train_set), self.batch_size * world
+        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        if batches and (len(batches[-1]) < world or (self.drop_last and len(batches[-1]) < size)):
+            batches.pop()
+        return [_split(b, world)[rank] for b in batches]
+
+    def _val_plan(self, ds: TokenizedRows) -> list[list[int]]:
+        """This process's validation batches: every ``W``-th batch from its rank on, so no sample is seen twice
+        and none is left out (the loss sums are added up across processes)."""
+        world, rank = self._ranks()
+        if self.packing:
+            plan = pack_batches(ds.lengths(), self.tokens_per_batch, None)
+        else:
+            plan = [
+                list(range(i, min(i + self.val_batch_size, len(ds)))) for i in range(0, len(ds), self.val_batch_size)
+            ]
+        return plan[rank::world]
 
     # -- loaders -----------------------------------------------------------------------------------------------
-    def _loader(
-        self, ds: Dataset, batch_size: int, skip: int = 0, collate=None, plan=None, drop_last: bool = False
-    ) -> DataLoader:
-        # The order is fixed in setup(), so batches do not depend on workers or processes.
-        if plan is not None:
-            sampler, collate = PlannedBatchSampler(plan, skip=skip), PackCollator()
-        else:
-            sampler = ResumableBatchSampler(SequentialSampler(ds), batch_size, drop_last=drop_last, skip=skip)
+    def _loader(self, ds: Dataset, plan: list[list[int]], skip: int = 0, collate=None) -> DataLoader:
+        # The batches are fixed in setup(), so they do not depend on workers or processes.
+        if self.trainer is not None:
+            check_strategy(self.trainer)  # Lightning's DistributedSampler would re-split these batches
+        if self.packing and collate is None:
+            collate = PackCollator()
         return ResumableLoader(
             ds,
-            batch_sampler=sampler,
+            batch_sampler=PlannedBatchSampler(plan, skip=skip),
             num_workers=self.num_workers,
             collate_fn=collate or PadCollator(self.tokenizer.pad_token_id),
             persistent_workers=self.num_workers > 0,
@@ -233,18 +268,16 @@ class FFFDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         skip, self._skip = self._skip, 0
-        return self._loader(
-            self.train_set, self.batch_size, skip=skip, plan=self.train_batches, drop_last=self.drop_last
-        )
+        return self._loader(self.train_set, self.train_batches, skip=skip)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set, self.val_batch_size, collate=LeftPadCollator(self.tokenizer.pad_token_id))
+        n, size = len(self.predict_set), self.val_batch_size
+        plan = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        return self._loader(self.predict_set, plan, collate=LeftPadCollator(self.tokenizer.pad_token_id))
 
     def train_batches_per_epoch(self) -> int:
-        if self.train_batches is not None:
-            return len(self.train_batches)
-        n = len(self.train_set) // self.batch_size
-        return n if self.drop_last else -(-len(self.train_set) // self.batch_size)
+        """Optimizer steps (per process) in an epoch."""
+        return len(self.train_batches)
 
     def state_dict(self) -> dict:
         """Saved in Lightning checkpoints: how many batches of the current epoch were trained on."""
@@ -263,8 +296,11 @@ class FFFDataModule(L.LightningDataModule):
         self.check_resume(state)
         self._skip = int(state.get("batches_done_in_epoch", 0))
 
-    def settings(self) -> dict:
-        """What decides which samples a step sees, in which order: a resume must keep all of it."""
+    def settings(self, world: int | None = None) -> dict:
+        """What decides which samples a step sees, in which order: a resume must keep all of it. ``world``: the
+        number of processes (default: the trainer's)."""
+        if world is None:
+            world = processes(self.trainer) if self.trainer is not None else 1
         return {
             "sources": [{k: v for k, v in asdict(s).items() if k != "enabled"} for s in self.sources],
             "text": asdict(self.opts),
@@ -275,24 +311,25 @@ class FFFDataModule(L.LightningDataModule):
             "drop_last": self.drop_last,
             "packing": self.packing,
             "tokens_per_batch": self.tokens_per_batch if self.packing else None,
+            "processes": world,
         }
 
     #: Set by ``--resume_changes allow``: resume even if the data settings differ from the checkpoint's.
     allow_resume_changes = False
 
-    def check_resume(self, state: dict) -> None:
-        """Refuse to resume a checkpoint written with other data settings (unless ``allow_resume_changes``):
-        its position in the epoch would point at other samples."""
+    def check_resume(self, state: dict, world: int | None = None) -> None:
+        """Refuse to resume a checkpoint written with other data settings or another number of processes (unless
+        ``allow_resume_changes``): its position in the epoch would point at other samples."""
         saved = state.get("settings")
         if saved is None or self.allow_resume_changes:
             return
-        now = json.loads(json.dumps(self.settings(), default=str))
-        saved = json.loads(json.dumps(saved, default=str))
+        now = json.loads(json.dumps(self.settings(world), default=str))
+        saved = {"processes": 1, **json.loads(json.dumps(saved, default=str))}  # older checkpoints: one process
         changed = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
         if changed:
             raise ConfigError(
                 "ckpt_path",
-                f"the checkpoint was trained with other data settings ({', '.join('data.' + c for c in changed)}): "
+                f"the checkpoint was trained with other data settings ({', '.join(_option(c) for c in changed)}): "
                 "resuming would not continue where it stopped. Use the checkpoint's settings, or "
                 "--resume_changes allow if you mean it",
             )
@@ -300,7 +337,7 @@ class FFFDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         """One dataloader per dataset, in the order of ``val_names``."""
         pairs = zip(self.val_sets, self.val_batches, strict=True)
-        return [self._loader(ds, self.val_batch_size, plan=plan) for ds, plan in pairs]
+        return [self._loader(ds, plan) for ds, plan in pairs]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
@@ -317,8 +354,8 @@ class FFFDataModule(L.LightningDataModule):
         lengths = [p.train["length"] for p in self.prepared]
         order = self.train_set.order
         # Packed rows hold no padding at all (padding share 0); padded batches pad to their longest sample.
-        for start in range(0, len(order) if not self.packing else 0, self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for plan in [] if self.packing else self.train_batches:
+            batch = [order[i] for i in plan]
             longest = max(lengths[s][r] for s, r in batch)
             for s, r in batch:
                 pad[s] += longest - lengths[s][r]
@@ -355,6 +392,9 @@ class FFFDataModule(L.LightningDataModule):
             batching = f"packed into {n_batches:,} batches of <= {self.tokens_per_batch:,} tokens ({fill:.1%} full)"
         else:
             batching = f"in {n_batches:,} batches of {self.batch_size}"
+        world = self._ranks()[0]
+        if world > 1:
+            batching += f" per process, {world} processes (this is process 0's share)"
         title = f"data: {len(self.train_set):,} training samples {batching}, seed {self.seed}"
         table = Table(title=title, title_justify="left")
         heads = ["dataset", "train rows", "x", "train samples", "train tokens", "truncated", "padding", "val rows"]
@@ -381,3 +421,19 @@ class FFFDataModule(L.LightningDataModule):
                 log.warning("validation rows of %s are also training rows: its loss is not held-out", r["dataset"])
             if not r["val_samples"]:
                 log.warning("%s has no validation set (val_split is null)", r["dataset"])
+
+
+def _split(batch: list[int], parts: int) -> list[list[int]]:
+    """``batch`` in ``parts`` consecutive pieces whose sizes differ by at most one."""
+    q, r = divmod(len(batch), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + q + (1 if i < r else 0)
+        out.append(batch[start:end])
+        start = end
+    return out
+
+
+def _option(setting: str) -> str:
+    """The option behind a data setting, for messages."""
+    return "trainer.devices x trainer.num_nodes" if setting == "processes" else f"data.{setting}"

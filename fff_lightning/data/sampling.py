@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 SHUFFLES = ("fff_lightning", "datasets")
 
@@ -71,26 +71,11 @@ def pack_batches(lengths: list[int], budget: int, seed: int | None = None, windo
     return batches
 
 
-class ResumableBatchSampler(BatchSampler):
-    """Batches in order; after a mid-epoch resume, the first ``skip`` batches of the next pass are left out.
+class PlannedBatchSampler(Sampler):
+    """Yields batches planned in advance, skipping the first ``skip`` after a mid-epoch resume.
 
     Its length stays the full epoch's, as Lightning expects of a resumed loader (it counts the restored batches
-    itself), so the schedule's total steps do not change on resume.
-    """
-
-    def __init__(self, sampler, batch_size: int, drop_last: bool = False, skip: int = 0):
-        super().__init__(sampler, batch_size, drop_last)
-        self.skip = skip
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                yield batch
-
-
-class PlannedBatchSampler(Sampler):
-    """Yields batches planned in advance (packing), skipping the first ``skip`` after a mid-epoch resume."""
+    itself), so the schedule's total steps do not change on resume."""
 
     def __init__(self, batches: list[list[int]], skip: int = 0):
         self.batches = batches

@@ -1,0 +1,85 @@
+"""Several processes (DDP): which process this is before Lightning knows, and which strategies a 4-bit run supports.
+
+Each process holds its own copy of the (4-bit) base model on its own device and the adapters' gradients are
+averaged (DDP); :class:`~fff_lightning.data.FFFDataModule` gives each process its own share of the data. Sharding
+the base model itself (FSDP, DeepSpeed) is not supported: bitsandbytes' 4-bit weights are not shardable that way.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fff_lightning.errors import ConfigError
+
+#: Set by the first process for the processes Lightning's launcher starts, so they all use its run folder.
+RUN_NAME_ENV = "FFF_RUN_NAME"
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's own launcher), 0 when it
+    is the only or the first process. Read from the environment: the process group does not exist yet."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    # Lightning's launcher sets LOCAL_RANK for the processes it starts; NODE_RANK marks a process on another node.
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
+    return local + node  # only zero-ness matters
+
+
+def processes(trainer) -> int:
+    """How many processes share the data: devices per node times nodes (known before the processes start)."""
+    return int(trainer.num_devices) * int(trainer.num_nodes)
+
+
+def check_strategy_name(strategy) -> None:
+    """The same refusal as :func:`check_strategy`, from the configured value alone (a registered name or a
+    ``class_path``), before even the Trainer is built."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    if not isinstance(strategy, str):
+        strategy = getattr(strategy, "class_path", None) or ""
+    if strategy in StrategyRegistry:
+        entry = StrategyRegistry[strategy]
+        cls, start = entry["strategy"], entry.get("init_params", {}).get("start_method", "popen")
+    else:
+        name = strategy.rsplit(".", 1)[-1]
+        cls = {"DDPStrategy": DDPStrategy, "SingleDeviceStrategy": SingleDeviceStrategy}.get(name)
+        if cls is None and any(k in strategy.lower() for k in ("fsdp", "deepspeed", "xla", "parallel")):
+            cls = type(name, (), {})  # named for the message below
+        start = "popen"
+        if cls is None:  # "auto", or a class this check does not know: the check on the built Trainer decides
+            return
+    _refuse(cls.__name__, cls in (DDPStrategy, SingleDeviceStrategy) or issubclass(cls, SingleDeviceStrategy), start)
+
+
+def _refuse(name: str, supported: bool, start: str) -> None:
+    if not supported:
+        raise ConfigError(
+            "trainer.strategy",
+            f"{name} is not supported: FFF/LoRA runs keep a whole (4-bit) copy of the base model on every device. "
+            "Use trainer.strategy: ddp (or auto) with trainer.devices/num_nodes",
+        )
+    if start != "popen":
+        raise ConfigError(
+            "trainer.strategy",
+            f"ddp_{start} is not supported: use trainer.strategy: ddp (Lightning starts one process per device by "
+            "running the same command again), or torchrun/srun",
+        )
+
+
+def check_strategy(trainer) -> None:
+    """Refuse, before anything loads, a strategy this tool cannot run: only one device or DDP (one process per
+    device, started by Lightning's launcher, torchrun or SLURM) keep each process's 4-bit copy whole."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if isinstance(strategy, SingleDeviceStrategy):
+        return
+    _refuse(name, type(strategy) is DDPStrategy, getattr(strategy, "_start_method", "popen"))
+    if trainer._accelerator_connector.use_distributed_sampler and processes(trainer) > 1:
+        raise ConfigError(
+            "trainer.use_distributed_sampler",
+            "must be false with several processes: FFFDataModule gives each process its own share of the data",
+        )

@@ -16,8 +16,9 @@ class ParameterBudget(L.Callback):
 
     Args:
         target: the trainable-parameter count this run must match: a number, or the path of another run config
-            whose budget is the target (e.g. the other side of the comparison). A relative path is looked up next
-            to the config that names it, then in the working directory. ``None``: only print.
+            whose adapters' budget on this run's base model is the target (e.g. the other side of the comparison). A
+            relative path is looked up next to the config that names it, then in the working directory. ``None``:
+            only print.
         tolerance: allowed relative difference, e.g. ``0.07`` for 7%.
     """
 
@@ -26,18 +27,18 @@ class ParameterBudget(L.Callback):
         self.tolerance = tolerance
         self.budget = None
 
-    def _target(self) -> int | None:
+    def _target(self, shape) -> int | None:
         if self.target is None or isinstance(self.target, int):
             return self.target
         from fff_lightning.cli import describe_run
 
-        other = describe_run(self.target)
-        return other.adapters.count(other.base_shape()).trainable
+        # the other run's adapters on this run's base model: a comparison is fair on one base
+        return describe_run(self.target).model.adapters.count(shape).trainable
 
     def preflight(self, trainer: L.Trainer, module) -> None:
         """Count, print and log the run's budget; raise :class:`ConfigError` if it is off the target."""
         b = self.budget = module.adapters.count(module.base_shape())
-        target = self._target()
+        target = self._target(module.base_shape())
         lines = [f"FFF {b.fff:,}", f"LoRA {b.lora:,}", f"trainable {b.trainable:,}"]
         lines.append(f"{b.share:.3%} of the base model's {b.base:,}")
         if target:

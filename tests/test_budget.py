@@ -53,3 +53,21 @@ def test_budget_counts_follow_layer_and_target_choices(mistral7b):
     b = count_budget(mistral7b, fff, lora)
     assert b.fff == 2 * 2 * ((3 * 4096 * 64 + 4096) + (3 * 4096 * 32 + 4096))
     assert b.lora == 4 * 8 * ((4096 + 4096) + (4096 + 1024))
+
+
+def test_step2_budget_guard_checks_against_the_lora_config_it_names():
+    """configs/step2.yaml's guard names step2_lora.yaml next to it: the research's pair is 7.1% apart, inside the
+    config's 8%; a tighter tolerance stops the run before anything loads."""
+    from types import SimpleNamespace
+
+    from callbacks import ParameterBudget
+    from fff_lightning.errors import ConfigError
+
+    cli = describe_run(CONFIGS / "step2.yaml")
+    guard = next(c for c in cli.config.trainer.callbacks if c.class_path.endswith("ParameterBudget"))
+    target = guard.init_args.target
+    assert Path(target).is_absolute() and Path(target).name == "step2_lora.yaml"
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[])
+    ParameterBudget(target=target, tolerance=guard.init_args.tolerance).preflight(trainer, cli.model)
+    with pytest.raises(ConfigError, match=r"off budget: 129,146,880 trainable vs target 120,586,240 \(\+7\.10%"):
+        ParameterBudget(target=target, tolerance=0.05).preflight(trainer, cli.model)

@@ -126,6 +126,10 @@ def _lightning_cli():
                             save_dir=cfg.logs_dir, name=cfg.experiment, version=run, default_hp_metric=False
                         ),
                     )
+                elif cfg.trainer.logger is False and cfg.trainer.get("default_root_dir") is None:
+                    # No logger: the run folder is the root, so its checkpoints, adapters and config still go
+                    # there, not into the working directory where two such runs would overwrite each other.
+                    cfg.trainer.default_root_dir = str(parent / run)
             elif self.subcommand is not None:
                 if not (cfg.model.adapter_path or cfg.get("ckpt_path") or cfg.allow_untrained):
                     raise ConfigError(

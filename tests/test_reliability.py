@@ -199,6 +199,15 @@ def test_two_runs_started_together_never_share_a_folder(tmp_path):
     assert "same exists" in refused.strip().splitlines()[-1]
 
 
+def test_a_run_without_a_logger_still_writes_into_its_own_folder(tmp_path, monkeypatch):
+    # Lightning's root would be the working directory: two such runs would overwrite each other's files there.
+    monkeypatch.chdir(tmp_path)
+    main(args(tmp_path / "logs", "--trainer.logger", "false", "--trainer.limit_val_batches", "0", steps=2))
+    (run,) = (tmp_path / "logs" / "quickstart").iterdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+    assert {"adapter", "checkpoints", "config.yaml"} <= {p.name for p in run.iterdir()}
+
+
 def test_a_run_that_fails_on_its_input_leaves_no_folder_behind(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

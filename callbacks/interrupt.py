@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 
+from fff_lightning.distributed import HostValue
 from fff_lightning.errors import Interrupted
 
 
@@ -16,6 +18,9 @@ class GracefulInterrupt(L.Callback):
     """On the first SIGINT (Ctrl-C) or SIGTERM, finish the current training step, save a checkpoint
     (``<run>/checkpoints/interrupted-step=<n>.ckpt``) and the adapters, and stop with exit code 130 or 143 and the
     command that resumes. A second Ctrl-C stops at once, saving nothing (the last checkpoint stays).
+
+    With several processes a signal to any of them stops them all after the same step: the one after the step
+    during which it came (the flag is shared without making any process wait).
 
     ``kill -9`` cannot be caught: it loses the work since the last checkpoint (``ModelCheckpoint``). The CLI adds
     this callback to every ``fit``.
@@ -25,9 +30,11 @@ class GracefulInterrupt(L.Callback):
         self.signum: int | None = None
         self._previous: dict = {}
         self.argv: list[str] | None = None  # the command's arguments, for the resume line (the CLI sets them)
+        self._flag: HostValue | None = None  # several processes: the last step's sum of their flags
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._quiet = not trainer.is_global_zero  # one line per run, not one per process
+        self._flag = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
@@ -42,10 +49,19 @@ class GracefulInterrupt(L.Callback):
         print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again stops at once, saving nothing)",
               file=sys.stderr, flush=True)  # fmt: skip
 
+    def _stop_together(self, trainer, pl_module) -> bool:
+        """Several processes: whether any of them got a signal by the end of the previous step. Each step adds up
+        this process's flag on the device and reads the previous step's sum, which is long there, so nothing
+        waits for the GPU; every process reads the same sum at the same step and they all stop after it."""
+        flag = torch.tensor(float(self.signum is not None), device=pl_module.device)
+        previous, self._flag = self._flag, HostValue(trainer.strategy.reduce(flag, reduce_op="sum"))
+        return previous is not None and bool(previous.get() > 0)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = self.signum is not None
         if trainer.world_size > 1:  # every process stops at the same step, even if only one got the signal
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            stop = self._stop_together(trainer, pl_module)
+        else:
+            stop = self.signum is not None
         if not stop:
             return
         signum = self.signum or signal.SIGTERM

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from fff_lightning.errors import ConfigError
 
 #: Set by the first process for the processes Lightning's launcher starts, so they all use its run folder.
@@ -16,15 +18,42 @@ RUN_NAME_ENV = "FFF_RUN_NAME"
 
 
 def launch_rank() -> int:
-    """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's own launcher), 0 when it
-    is the only or the first process. Read from the environment: the process group does not exist yet."""
-    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    # Lightning's launcher sets LOCAL_RANK for the processes it starts; NODE_RANK marks a process on another node.
+    """This process's global rank as its launcher set it, 0 when it is the only or the first process. Read from
+    the environment, in Lightning's order: the process group does not exist yet. torchrun sets ``RANK``;
+    Lightning's own launcher sets ``LOCAL_RANK`` (and ``NODE_RANK``) for the processes it starts, even inside a
+    SLURM allocation it does not use; ``srun`` sets ``SLURM_PROCID``."""
+    if os.environ.get("RANK", "").isdigit():
+        return int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0") or 0)
     node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
-    return local + node  # only zero-ness matters
+    if local or node:
+        return local + node  # only zero-ness matters
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect() and os.environ.get("SLURM_PROCID", "").isdigit():
+        return int(os.environ["SLURM_PROCID"])
+    return 0
+
+
+class HostValue:
+    """A value computed on the device, read on the host later without draining the device's queue: on a GPU a
+    non-blocking copy to pinned memory and an event, so :meth:`get` waits only for the work queued before the
+    value was made, never for the steps queued since (a plain ``bool(t)`` waits for all of them, and the GPU
+    idles while the CPU prepares the next step)."""
+
+    def __init__(self, value: torch.Tensor):
+        self.event = None
+        if value.is_cuda:
+            self.host = value.to("cpu", non_blocking=True)  # lands in pinned memory
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = value
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
 
 
 def processes(trainer) -> int:
@@ -50,7 +79,7 @@ def check_strategy_name(strategy) -> None:
         start = "popen"
         if cls is None:  # "auto", or a class this check does not know: the check on the built Trainer decides
             return
-    _refuse(cls.__name__, cls in (DDPStrategy, SingleDeviceStrategy) or issubclass(cls, SingleDeviceStrategy), start)
+    _refuse(cls.__name__, cls in (DDPStrategy, SingleDeviceStrategy), start)
 
 
 def _refuse(name: str, supported: bool, start: str) -> None:
@@ -75,7 +104,7 @@ def check_strategy(trainer) -> None:
 
     strategy = trainer.strategy
     name = type(strategy).__name__
-    if isinstance(strategy, SingleDeviceStrategy):
+    if type(strategy) is SingleDeviceStrategy:  # not its XLA/TPU subclasses
         return
     _refuse(name, type(strategy) is DDPStrategy, getattr(strategy, "_start_method", "popen"))
     if trainer._accelerator_connector.use_distributed_sampler and processes(trainer) > 1:

@@ -13,7 +13,7 @@ from torchmetrics import SumMetric
 
 from fff_lightning import table
 from fff_lightning.adapters import is_adapter, save_adapters
-from fff_lightning.distributed import check_strategy
+from fff_lightning.distributed import HostValue, check_strategy
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.loading import load_model, resolve_backend
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
@@ -234,7 +234,9 @@ class FFFModule(L.LightningModule):
         gradient DDP averages is that of the mean over every scored token of the step: the same as one device with
         ``W`` times the batch. One all-reduce of two numbers per step, on the device (no host sync). Returns the
         loss to differentiate and the step's mean loss over all processes (what is logged and checked)."""
-        n = (labels[:, 1:] != -100).sum().to(loss.dtype)  # the model's own denominator: labels shifted by one
+        n = (labels[:, 1:] != -100).sum().float()  # the model's own denominator: labels shifted by one
+        # A share with no scored token has a 0/0 loss: it adds nothing (zero gradients), as in one big batch.
+        loss = torch.where(n > 0, loss.float(), torch.zeros((), device=loss.device))
         stats = torch.stack([n, loss.detach() * n])
         torch.distributed.all_reduce(stats)
         total = stats[0].clamp_min(1)
@@ -256,7 +258,7 @@ class FFFModule(L.LightningModule):
                 log.warning("step %d: the loss or a gradient is not finite; step skipped (%d so far)", step,
                             self.skipped_steps)  # fmt: skip
         else:
-            self._pending = (step, finite)
+            self._pending = (step, HostValue(finite))  # read at the next step, without a sync now
 
     def _check_finite(self) -> None:
         """Stop the run if the last step was not finite (read now, long after the GPU computed it)."""
@@ -264,7 +266,7 @@ class FFFModule(L.LightningModule):
             return
         step, finite = self._pending
         self._pending = None
-        if not bool(finite):
+        if not bool(finite.get()):
             ckpt = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or getattr(
                 self.trainer.checkpoint_callback, "last_model_path", ""
             )

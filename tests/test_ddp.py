@@ -129,10 +129,15 @@ def test_packed_steps_are_shared_out_without_overlap(tmp_path):
 
 def test_validation_batches_are_shared_out_once_each(tmp_path):
     one = _module(tmp_path, 1, 0, batch_size=2)
-    ranks = [_module(tmp_path, 2, r, batch_size=2) for r in (0, 1)]
+    ranks = [_module(tmp_path, 3, r, batch_size=2) for r in (0, 1, 2)]
     for d in range(len(one.val_sets)):
         together = sorted(i for m in ranks for b in m.val_batches[d] for i in b)
         assert together == sorted(i for b in one.val_batches[d] for i in b) == list(range(len(one.val_sets[d])))
+    counts = [sum(len(plan) for plan in m.val_batches) for m in ranks]
+    assert max(counts) - min(counts) <= 1  # dealt across the datasets together
+    # Fewer batches in all than processes: one process would have none and leave the others waiting.
+    with pytest.raises(ConfigError, match="fewer than the 8 processes"):
+        _module(tmp_path, 8, 0, batch_size=4)
 
 
 def test_unsupported_strategies_are_refused_by_name():
@@ -184,13 +189,14 @@ def test_validate_on_two_processes_equals_one(one, tmp_path):
 
 
 def test_an_interrupted_two_process_run_resumes_exactly(two, tmp_path):
-    # Only the first process gets the signal (a `kill` of the launching process): both stop at the same step.
+    # Only the first process gets the signal (a `kill` of the launching process): both stop at the same step, the
+    # one after the signal's (the flag is shared a step late, so no process waits for its device).
     fault = json.dumps({"class_path": "faults.SignalAtStep", "init_args": {"step": 3, "signum": "SIGTERM", "rank": 0}})
     out = two_processes(tmp_path, f"--trainer.callbacks+={fault}")
     assert out.returncode == 143, out.stderr[-3000:]
-    assert out.stderr.count("interrupted by SIGTERM at step 3") == 1  # one line, from the first process
+    assert out.stderr.count("interrupted by SIGTERM at step 4") == 1  # one line, from the first process
     (run,) = run_folders(tmp_path)
-    ckpt = run / "checkpoints" / "interrupted-step=3.ckpt"
+    ckpt = run / "checkpoints" / "interrupted-step=4.ckpt"
     assert ckpt.is_file()
     # Resuming on another number of processes would point at other samples: refused before anything loads.
     with pytest.raises(SystemExit) as e:

@@ -207,7 +207,7 @@ class FFFDataModule(L.LightningDataModule):
         ]
         self.val_names = [p.source.name for p in self.prepared if p.val is not None]
         self.train_batches = self._train_plan()
-        self.val_batches = [self._val_plan(ds) for ds in self.val_sets]
+        self.val_batches = self._val_plans()
         self.summary = self._summarise()
         if self._ranks()[1] == 0:
             self._print_summary()
@@ -239,17 +239,29 @@ class FFFDataModule(L.LightningDataModule):
             batches.pop()
         return [_split(b, world)[rank] for b in batches]
 
-    def _val_plan(self, ds: TokenizedRows) -> list[list[int]]:
-        """This process's validation batches: every ``W``-th batch from its rank on, so no sample is seen twice
-        and none is left out (the loss sums are added up across processes)."""
+    def _val_plans(self) -> list[list[list[int]]]:
+        """This process's validation batches, per dataset: the datasets' batches, one after the other, dealt out
+        round-robin, so no sample is seen twice, none is left out (the loss sums are added up across processes)
+        and the processes' counts differ by at most one."""
         world, rank = self._ranks()
-        if self.packing:
-            plan = pack_batches(ds.lengths(), self.tokens_per_batch, None)
-        else:
-            plan = [
-                list(range(i, min(i + self.val_batch_size, len(ds)))) for i in range(0, len(ds), self.val_batch_size)
-            ]
-        return plan[rank::world]
+        plans, dealt = [], 0
+        for ds in self.val_sets:
+            if self.packing:
+                plan = pack_batches(ds.lengths(), self.tokens_per_batch, None)
+            else:
+                size = self.val_batch_size
+                plan = [list(range(i, min(i + size, len(ds)))) for i in range(0, len(ds), size)]
+            plans.append([b for k, b in enumerate(plan) if (dealt + k) % world == rank])
+            dealt += len(plan)
+        if 0 < dealt < world:
+            # A process with no validation batch at all would skip validation and leave the others waiting for its
+            # sums: refuse it.
+            raise ConfigError(
+                "data.val_batch_size",
+                f"the validation sets make {dealt} batches in all, fewer than the {world} processes: lower "
+                "data.val_batch_size (or data.tokens_per_batch when packing), or use fewer devices",
+            )
+        return plans
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, plan: list[list[int]], skip: int = 0, collate=None) -> DataLoader:

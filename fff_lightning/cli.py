@@ -203,7 +203,19 @@ def _lightning_cli():
                     raise Diverged(f"{what}: a dataset's loss is not finite; the table in {self.run_dir} says which")
 
         def after_fit(self) -> None:
-            self._report("validation after training")
+            step = self.trainer.global_step
+            at = getattr(self.model, "last_results_step", step)
+            final = f"`python -m fff_lightning validate` with this config and --model.adapter_path {self.run_dir}/adapter"
+            if getattr(self.model, "last_results", None) is None:
+                if self.trainer.is_global_zero and self.model.val_names and self.trainer.limit_val_batches != 0:
+                    print(f"no validation ran in this fit (it stopped at step {step}, before the first); the final "
+                          f"adapters' table: {final}")  # fmt: skip
+            elif at != step:  # stopped (max_steps) after the last validation: the table is of earlier adapters
+                self._report(f"last validation (step {at} of {step})")
+                if self.trainer.is_global_zero:
+                    print(f"the table is of the adapters at step {at}, not the final ones; theirs: {final}")
+            else:
+                self._report("validation after training")
 
         def after_validate(self) -> None:
             self._report("validation")

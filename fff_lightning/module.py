@@ -331,6 +331,7 @@ class FFFModule(L.LightningModule):
         if results:
             self.log("val/loss", table.overall_loss(results), prog_bar=True, add_dataloader_idx=False)
         self.last_results = results
+        self.last_results_step = self.trainer.global_step  # fit's table says when it was made
 
     def on_test_epoch_end(self) -> None:
         self.last_results = self._epoch_results()

@@ -208,6 +208,17 @@ def test_a_run_without_a_logger_still_writes_into_its_own_folder(tmp_path, monke
     assert {"adapter", "checkpoints", "config.yaml"} <= {p.name for p in run.iterdir()}
 
 
+def test_a_fit_stopped_after_its_last_validation_says_the_table_is_of_earlier_adapters(tmp_path, capsys):
+    main(args(tmp_path, "--trainer.val_check_interval", "4", steps=6))
+    out = capsys.readouterr().out
+    assert "last validation (step 4 of 6)" in out and "validation after training" not in out
+    assert "the table is of the adapters at step 4, not the final ones" in out
+    main(args(tmp_path, "--trainer.val_check_interval", "4", steps=3))
+    out = capsys.readouterr().out
+    assert "no validation ran in this fit (it stopped at step 3, before the first)" in out
+    assert "--model.adapter_path" in out
+
+
 def test_a_run_that_fails_on_its_input_leaves_no_folder_behind(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 
 from fff_lightning.errors import ConfigError
@@ -30,10 +32,10 @@ class ParameterBudget(L.Callback):
     def _target(self, shape) -> int | None:
         if self.target is None or isinstance(self.target, int):
             return self.target
-        from fff_lightning.cli import describe_run
+        from fff_lightning.budget import config_budget
 
         # the other run's adapters on this run's base model: a comparison is fair on one base
-        return describe_run(self.target).model.adapters.count(shape).trainable
+        return config_budget(self.target, shape, "trainer.callbacks.ParameterBudget.target")
 
     def preflight(self, trainer: L.Trainer, module) -> None:
         """Count, print and log the run's budget; raise :class:`ConfigError` if it is off the target."""
@@ -41,8 +43,11 @@ class ParameterBudget(L.Callback):
         target = self._target(module.base_shape())
         lines = [f"FFF {b.fff:,}", f"LoRA {b.lora:,}", f"trainable {b.trainable:,}"]
         lines.append(f"{b.share:.3%} of the base model's {b.base:,}")
+        source = f", {Path(self.target).name}'s adapters on this base model" if isinstance(self.target, str) else ""
         if target:
-            lines.append(f"target {target:,} ({(b.trainable - target) / target:+.2%}, tolerance {self.tolerance:.2%})")
+            lines.append(
+                f"target {target:,} ({(b.trainable - target) / target:+.2%}, tolerance {self.tolerance:.2%}{source})"
+            )
         if trainer.is_global_zero:
             print("parameter budget: " + " | ".join(lines))
         for logger in trainer.loggers:
@@ -51,6 +56,7 @@ class ParameterBudget(L.Callback):
             raise ConfigError(
                 "trainer.callbacks.ParameterBudget",
                 f"off budget: {b.trainable:,} trainable vs target {target:,} "
-                f"({(b.trainable - target) / target:+.2%}, tolerance {self.tolerance:.2%}); not training. "
-                f"`python -m fff_lightning budget --match` finds a matching size",
+                f"({(b.trainable - target) / target:+.2%}, tolerance {self.tolerance:.2%}{source}); not training. "
+                "`python -m fff_lightning budget --match` finds a matching size (a smoke test needs no guard: leave "
+                "ParameterBudget out of trainer.callbacks)",
             )

@@ -38,6 +38,17 @@ class Match:
         return self.budget.trainable - self.target
 
 
+def config_budget(path: str, shape, field: str) -> int:
+    """Trainable parameters of the adapters another run config describes, counted on ``shape`` (this run's base
+    model): the other side of a comparison, on the same base. An error in it names ``field`` and the config."""
+    from fff_lightning.cli import describe_run
+
+    try:
+        return describe_run(path).model.adapters.count(shape).trainable
+    except ConfigError as e:
+        raise ConfigError(field, f"{path}: {e}") from e
+
+
 def _closest_int(f, target: int) -> int:
     """Counts are affine in a rank or width: solve from two exact counts, then check the neighbours."""
     c1, c2 = f(1), f(2)

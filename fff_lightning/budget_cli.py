@@ -27,15 +27,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--match", choices=["lora_rank", "fff_width"], help="solve the other side of a comparison")
     p.add_argument(
         "--target",
-        help="budget to match: a number of parameters or another run config (default for lora_rank: this run's)",
+        help="budget to match: a number of parameters or another run config, whose adapters are counted on this "
+        "run's base model (default for lora_rank: this run's budget)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.epilog = "Any other option overrides the configs as it does for `fit`, e.g. --model.lora.r 8."
     return p
 
 
-def _target(value: str | None, default: int | None) -> int:
-    from fff_lightning.cli import describe_run
+def _target(value: str | None, default: int | None, shape) -> int:
+    from fff_lightning.budget import config_budget
 
     if value is None:
         if default is None:
@@ -43,8 +44,7 @@ def _target(value: str | None, default: int | None) -> int:
         return default
     if value.replace("_", "").replace(",", "").isdigit():
         return int(value.replace("_", "").replace(",", ""))
-    other = describe_run(value).model
-    return other.adapters.count(other.base_shape()).trainable
+    return config_budget(value, shape, "--target")  # the other run's adapters on this run's base model
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -80,11 +80,11 @@ def main(argv: list[str]) -> None:
     }
     match = None
     if args.match == "lora_rank":
-        match = match_lora_rank(shape, _target(args.target, budget.trainable), spec.lora)
+        match = match_lora_rank(shape, _target(args.target, budget.trainable, shape), spec.lora)
     elif args.match == "fff_width":
         if spec.fff is None:
             raise ConfigError("model.fff", "--match fff_width needs a run with an fff section")
-        match = match_fff_width(shape, _target(args.target, None), spec.fff, spec.lora)
+        match = match_fff_width(shape, _target(args.target, None, shape), spec.fff, spec.lora)
     if match is not None:
         result["match"] = {
             "field": match.field,

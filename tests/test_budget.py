@@ -71,3 +71,19 @@ def test_step2_budget_guard_checks_against_the_lora_config_it_names():
     ParameterBudget(target=target, tolerance=guard.init_args.tolerance).preflight(trainer, cli.model)
     with pytest.raises(ConfigError, match=r"off budget: 129,146,880 trainable vs target 120,586,240 \(\+7\.10%"):
         ParameterBudget(target=target, tolerance=0.05).preflight(trainer, cli.model)
+
+
+def test_budget_target_and_the_guard_count_the_other_config_on_this_runs_base(capsys):
+    """`budget --target <config>` and the guard agree: the other config's adapters on this run's base model."""
+    import json
+
+    from callbacks import ParameterBudget
+    from fff_lightning.budget_cli import main as budget_main
+
+    tiny = ["--model.base.backend", "tiny", "--model.fff.layers", "1-2"]
+    lora = str(CONFIGS / "step2_lora.yaml")
+    budget_main(["--config", str(CONFIGS / "step2.yaml"), *tiny, "--match", "fff_width", "--target", lora, "--json"])
+    target = json.loads(capsys.readouterr().out)["match"]["target"]
+    run = describe_run(CONFIGS / "step2.yaml", overrides=tiny).model
+    assert target == ParameterBudget(target=lora)._target(run.base_shape())
+    assert target < 1_000_000  # counted on the tiny model, not on the 7B the LoRA config names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 
@@ -15,6 +16,19 @@ class _Drop(logging.Filter):
         return not any(f in str(record.msg) for f in self.fragments)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not the one there when the handler was made
+    (pytest, notebooks and the launcher's children swap it; a handler kept on a closed one prints a traceback)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup() -> None:
     """Call once, after Lightning is imported (and after Unsloth, which configures the root logger)."""
     # Lightning's loggers propagate to the root logger when it has handlers (Unsloth adds one): every line then
@@ -22,7 +36,7 @@ def setup() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "fff_lightning"):
         log = logging.getLogger(name)
         if not any(isinstance(h, logging.StreamHandler) for h in log.handlers):
-            handler = logging.StreamHandler()
+            handler = _StderrHandler()
             handler.setFormatter(_LevelFormatter("%(message)s") if name == "fff_lightning" else logging.Formatter())
             log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -35,6 +49,10 @@ def setup() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Validation losses are logged after their sums were added up across processes: the advice does not apply.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
+    # Several processes: validation batches are dealt across all datasets, so a process may hold none of one
+    # dataset's (by design; its sums are zeros, added up with the others').
+    warnings.filterwarnings("ignore", message=r"Total length of `ResumableLoader` across ranks is zero, but local rank")
+    warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric SumMetric was called before the")
 
 
 class _LevelFormatter(logging.Formatter):

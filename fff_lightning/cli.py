@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -205,10 +206,15 @@ def _lightning_cli():
         def after_fit(self) -> None:
             step = self.trainer.global_step
             at = getattr(self.model, "last_results_step", step)
-            final = f"`python -m fff_lightning validate` with this config and --model.adapter_path {self.run_dir}/adapter"
+            run = Path(self.run_dir)
+            final = "python -m fff_lightning validate " + shlex.join(
+                ["--config", str(run / "config.yaml"), "--model.adapter_path", str(run / "adapter")]
+            )
             if getattr(self.model, "last_results", None) is None:
                 if self.trainer.is_global_zero and self.model.val_names and self.trainer.limit_val_batches != 0:
-                    print(f"no validation ran in this fit (it stopped at step {step}, before the first); the final "
+                    start = getattr(self.model, "fit_start_step", 0)
+                    since, which = (f"since resuming at step {start}", "next") if start else ("in this fit", "first")
+                    print(f"no validation ran {since} (it stopped at step {step}, before the {which}); the final "
                           f"adapters' table: {final}")  # fmt: skip
             elif at != step:  # stopped (max_steps) after the last validation: the table is of earlier adapters
                 self._report(f"last validation (step {at} of {step})")

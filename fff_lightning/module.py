@@ -277,6 +277,9 @@ class FFFModule(L.LightningModule):
                 "model.on_nonfinite: skip to drop such steps"
             )
 
+    def on_train_start(self) -> None:
+        self.fit_start_step = self.trainer.global_step  # > 0 when resumed: fit's closing lines say so
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._check_finite()
 

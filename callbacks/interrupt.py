@@ -20,7 +20,8 @@ class GracefulInterrupt(L.Callback):
     command that resumes. A second Ctrl-C stops at once, saving nothing (the last checkpoint stays).
 
     With several processes a signal to any of them stops them all after the same step: the one after the step
-    during which it came (the flag is shared without making any process wait).
+    during which it came (the flag is shared without making any process wait), or that step itself when a
+    validation or the end of training follows it.
 
     ``kill -9`` cannot be caught: it loses the work since the last checkpoint (``ModelCheckpoint``). The CLI adds
     this callback to every ``fit``.
@@ -34,6 +35,7 @@ class GracefulInterrupt(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._quiet = not trainer.is_global_zero  # one line per run, not one per process
+        self._world = trainer.world_size
         self._flag = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
@@ -46,15 +48,21 @@ class GracefulInterrupt(L.Callback):
         if getattr(self, "_quiet", False):
             return
         name = signal.Signals(signum).name
-        print(f"\n{name}: saving a checkpoint after this step (Ctrl-C again stops at once, saving nothing)",
+        when = "this step" if getattr(self, "_world", 1) == 1 else "this step or the next (all processes together)"
+        print(f"\n{name}: saving a checkpoint after {when} (Ctrl-C again stops at once, saving nothing)",
               file=sys.stderr, flush=True)  # fmt: skip
 
     def _stop_together(self, trainer, pl_module) -> bool:
-        """Several processes: whether any of them got a signal by the end of the previous step. Each step adds up
-        this process's flag on the device and reads the previous step's sum, which is long there, so nothing
-        waits for the GPU; every process reads the same sum at the same step and they all stop after it."""
-        flag = torch.tensor(float(self.signum is not None), device=pl_module.device)
-        previous, self._flag = self._flag, HostValue(trainer.strategy.reduce(flag, reduce_op="sum"))
+        """Several processes: whether any of them got a signal. Each step adds up the processes' flags on the
+        device (no barrier, no host sync) and, as a rule, reads the previous step's sum, which is long there, so
+        nothing waits for the GPU. Before a validation or the end of training it reads this step's sum at once
+        (one wait), so a signal never waits for a whole validation and is never lost at the last step. Every
+        process reads the same sum at the same step, so they all stop after the same step."""
+        flag = torch.full((), float(self.signum is not None), device=pl_module.device)
+        torch.distributed.all_reduce(flag)  # Lightning's strategy.reduce would add a barrier: a host sync
+        previous, self._flag = self._flag, HostValue(flag)
+        if _pause_follows(trainer):
+            return bool(self._flag.get() > 0)
         return previous is not None and bool(previous.get() > 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -99,3 +107,17 @@ def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
         elif not a.startswith(tuple(f"{o}=" for o in options)):
             out.append(a)
     return out
+
+
+def _pause_follows(trainer) -> bool:
+    """Whether a validation or the end of training (or of the epoch) follows this training step, by Lightning's
+    own tests; on a Lightning whose loop lacks them, True (the flag is then read every step: one wait each)."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        if loop._is_training_done or loop.batch_progress.is_last_batch:
+            return True
+        if getattr(trainer, "_val_check_time_interval", None) is not None:
+            return True  # validation by the clock: each process has its own clock, so read every step alike
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except AttributeError:
+        return True

@@ -82,7 +82,7 @@ def two(tmp_path_factory):
 
 
 # -- which samples each process sees -------------------------------------------------------------------------------
-def _module(tmp_path, world: int, rank: int, **kw) -> FFFDataModule:
+def _module(tmp_path, world: int, rank: int, limit_val_batches=1.0, **kw) -> FFFDataModule:
     sources = [
         SourceConfig("magicoder", "bundled:magicoder", "magicoder", train_rows=25, val_rows=7),
         SourceConfig("ultrachat", "bundled:ultrachat", "ultrachat", train_rows=12, val_rows=5),
@@ -93,6 +93,7 @@ def _module(tmp_path, world: int, rank: int, **kw) -> FFFDataModule:
         global_rank=rank,
         num_devices=world,
         num_nodes=1,
+        limit_val_batches=limit_val_batches,
         strategy=DDPStrategy() if world > 1 else None,
         _accelerator_connector=SimpleNamespace(use_distributed_sampler=False),
     )
@@ -138,6 +139,7 @@ def test_validation_batches_are_shared_out_once_each(tmp_path):
     # Fewer batches in all than processes: one process would have none and leave the others waiting.
     with pytest.raises(ConfigError, match="fewer than the 8 processes"):
         _module(tmp_path, 8, 0, batch_size=4)
+    _module(tmp_path, 8, 0, batch_size=4, limit_val_batches=0)  # no validation: nothing to refuse
 
 
 def test_unsupported_strategies_are_refused_by_name():
@@ -209,3 +211,40 @@ def test_an_interrupted_two_process_run_resumes_exactly(two, tmp_path):
     got, want = adapter_weights(run / "adapter"), adapter_weights(ref / "adapter")
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert_same_table(table(run), table(ref))
+
+
+def test_the_shared_stop_flag_waits_only_before_a_validation_or_the_end(tmp_path):
+    """A signal is acted on a step late (read without waiting for the device), except when a validation or the
+    end of training follows the step: then at once, so it never waits for a whole validation or gets lost."""
+    import lightning as L
+
+    from callbacks.interrupt import GracefulInterrupt
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+
+        def step(cb, validation_follows=False, last=False):
+            loop = SimpleNamespace(
+                _is_training_done=last,
+                batch_progress=SimpleNamespace(is_last_batch=False),
+                _should_check_val_fx=lambda fetcher: validation_follows,
+            )
+            trainer = SimpleNamespace(world_size=2, fit_loop=SimpleNamespace(epoch_loop=loop, _data_fetcher=None))
+            return cb._stop_together(trainer, SimpleNamespace(device=torch.device("cpu")))
+
+        cb = GracefulInterrupt()
+        assert step(cb) is False
+        cb.signum = 15  # arrives during the next step
+        assert step(cb) is False  # read a step late ...
+        assert step(cb) is True  # ... by every process at the same step
+        for where in ({"validation_follows": True}, {"last": True}):
+            cb = GracefulInterrupt()
+            step(cb)
+            cb.signum = 15
+            assert step(cb, **where) is True  # at once
+    finally:
+        torch.distributed.destroy_process_group()
+    # The loop attributes read are Lightning's own: a Lightning without them would read the flag every step.
+    loop = L.Trainer(accelerator="cpu", logger=False).fit_loop.epoch_loop
+    assert hasattr(loop, "_should_check_val_fx") and hasattr(loop.batch_progress, "is_last_batch")
+    assert isinstance(loop._is_training_done, bool)

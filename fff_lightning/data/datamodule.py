@@ -253,13 +253,15 @@ class FFFDataModule(L.LightningDataModule):
                 plan = [list(range(i, min(i + size, len(ds)))) for i in range(0, len(ds), size)]
             plans.append([b for k, b in enumerate(plan) if (dealt + k) % world == rank])
             dealt += len(plan)
-        if 0 < dealt < world:
+        validating = getattr(self.trainer, "limit_val_batches", 1) != 0 if self.trainer is not None else True
+        if 0 < dealt < world and validating:
             # A process with no validation batch at all would skip validation and leave the others waiting for its
             # sums: refuse it.
             raise ConfigError(
                 "data.val_batch_size",
-                f"the validation sets make {dealt} batches in all, fewer than the {world} processes: lower "
-                "data.val_batch_size (or data.tokens_per_batch when packing), or use fewer devices",
+                f"the validation sets make {dealt} batch{'es' if dealt > 1 else ''} in all, fewer than the {world} "
+                "processes: lower data.val_batch_size (or data.tokens_per_batch when packing), use fewer devices, "
+                "or validate on one device",
             )
         return plans
 

@@ -5,6 +5,19 @@ import os
 from pathlib import Path
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # `faults` for the subprocesses
+QUICK = str(Path(__file__).parent.parent / "configs" / "quickstart.yaml")
+
+
+def quick_args(logs, *extra, steps: int, command: str = "fit") -> list[str]:
+    """The command line of a short quickstart run into ``logs``: logging every step, no progress bar or model
+    summary; ``extra`` options come last, so they override."""
+    return [
+        command,
+        *("--config", QUICK, "--logs_dir", str(logs), "--trainer.max_steps", str(steps)),
+        *("--trainer.log_every_n_steps", "1"),
+        *("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"),
+        *extra,
+    ]
 
 
 def losses(run: Path) -> dict[int, float]:

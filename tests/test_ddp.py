@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ENV, adapter_weights, losses
+from helpers import ENV, adapter_weights, losses, quick_args
 from lightning.pytorch.strategies import DDPStrategy
 
 from fff_lightning.cli import main, run_lightning
@@ -18,32 +18,12 @@ from fff_lightning.data.sources import SourceConfig
 from fff_lightning.distributed import check_strategy_name
 from fff_lightning.errors import ConfigError
 
-ROOT = Path(__file__).parent.parent
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
 TWO = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
 
 
 def args(logs, *extra, batch=8, steps=6, command="fit"):
-    return [
-        command,
-        "--config",
-        QUICK,
-        "--logs_dir",
-        str(logs),
-        "--data.batch_size",
-        str(batch),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.val_check_interval",
-        str(steps),
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    vals = ("--data.batch_size", str(batch), "--trainer.val_check_interval", str(steps))
+    return quick_args(logs, *vals, *extra, steps=steps, command=command)
 
 
 def two_processes(logs, *extra, command="fit", **kw):

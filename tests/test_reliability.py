@@ -12,34 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, adapter_weights, losses
+from helpers import ENV, QUICK, adapter_weights, losses, quick_args
 
 from fff_lightning.cli import main, run_lightning
 from fff_lightning.errors import ConfigError, Diverged
 
-ROOT = Path(__file__).parent.parent
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
-
 
 def args(logs, *extra, steps=8, command="fit"):
-    return [
-        command,
-        "--config",
-        QUICK,
-        "--logs_dir",
-        str(logs),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    return quick_args(logs, "--trainer.limit_val_batches", "1", *extra, steps=steps, command=command)
 
 
 def every(n):

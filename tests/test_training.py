@@ -8,31 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUICK, quick_args
 
 from fff_lightning.adapters import is_adapter
 from fff_lightning.cli import run_lightning
 
-ROOT = Path(__file__).parent.parent
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
-
 
 def fit_args(logs, *extra, steps=6):
-    return [
-        "fit",
-        "--config",
-        QUICK,
-        "--logs_dir",
-        str(logs),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    return quick_args(logs, *extra, steps=steps)
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:

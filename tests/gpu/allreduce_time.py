@@ -25,6 +25,8 @@ for n in (129_146_880, 120_586_240):
             times.append(a.elapsed_time(b))
     if rank == 0:
         ms = statistics.median(times)
-        print(f"all-reduce of {n:,} fp32 ({n * 4 / 2**20:,.0f} MiB) on {dist.get_world_size()} GPUs: median {ms:.2f} ms, "
-              f"bus bandwidth {2 * (dist.get_world_size() - 1) / dist.get_world_size() * n * 4 / ms / 1e6:,.0f} GB/s")
+        print(
+            f"all-reduce of {n:,} fp32 ({n * 4 / 2**20:,.0f} MiB) on {dist.get_world_size()} GPUs: median {ms:.2f} ms, "
+            f"bus bandwidth {2 * (dist.get_world_size() - 1) / dist.get_world_size() * n * 4 / ms / 1e6:,.0f} GB/s"
+        )
 dist.destroy_process_group()

@@ -117,7 +117,9 @@ def main() -> None:
     ]
     for config in opts.configs.split(","):
         one, two = (next(r for r in results if r["config"] == config and r["devices"] == d) for d in (1, 2))
-        ratio = f"{two['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one["tokens_per_s"] and two["tokens_per_s"] else "-"
+        ratio = (
+            f"{two['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one["tokens_per_s"] and two["tokens_per_s"] else "-"
+        )
         fmt = lambda v: f"{v:,.0f}" if v else "failed"  # noqa: E731
         lines.append(
             f"| {config} | {fmt(one['tokens_per_s'])} | {fmt(two['tokens_per_s'])} | {ratio} | "

@@ -39,7 +39,9 @@ class ParameterBudget(L.Callback):
 
     def preflight(self, trainer: L.Trainer, module) -> None:
         """Count, print and log the run's budget; raise :class:`ConfigError` if it is off the target."""
-        b = self.budget = module.adapters.count(module.base_shape())
+        from fff_lightning.adapters import count_adapters
+
+        b = self.budget = count_adapters(module.adapters, module.base_shape())
         target = self._target(module.base_shape())
         lines = [f"FFF {b.fff:,}", f"LoRA {b.lora:,}", f"trainable {b.trainable:,}"]
         lines.append(f"{b.share:.3%} of the base model's {b.base:,}")

@@ -1,4 +1,6 @@
-"""The one place that knows which parameters are adapters: it drives ``requires_grad``, counting and saving.
+"""The adapters on a model: the one place that knows which parameters are adapters (it drives ``requires_grad``,
+counting and saving), the one order in which they are put on a model, their count on the meta device, and the
+adapter files.
 
 An adapter file is a folder with ``adapter_model.safetensors`` (adapter tensors only) and
 ``fff_adapter_config.json`` (the FFF and LoRA configs, the base model's shape, the parameter counts).
@@ -7,16 +9,20 @@ An adapter file is a folder with ``adapter_model.safetensors`` (adapter tensors 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from fff_lightning.errors import ConfigError
-from fff_lightning.spec import FFF_PREFIX, AdapterSpec
+from fff_lightning.spec import FFF_PREFIX, AdapterSpec, Budget
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "fff_adapter_config.json"
+#: The adapter-folder format this version writes and reads.
+FORMAT_VERSION = 1
+FLOAT_DTYPES = ("F32", "BF16", "F16")
 ADAPTER_KINDS = ("fff", "lora")
 _PEFT_PREFIX = "base_model.model."
 
@@ -56,6 +62,99 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+# -- putting adapters on a model ---------------------------------------------------------------------------------
+def apply_adapters(spec: AdapterSpec, model: nn.Module, shape, add_lora=None):
+    """Put ``spec``'s adapters on ``model`` in the one order that also works under Unsloth: FFF on the targeted
+    projections, then LoRA (naming the wrapped projections' inner layer, so its delta sees FFF's output), then the
+    one trainable filter.
+
+    Args:
+        spec: which adapters.
+        model: a loaded (or meta-device) causal LM, after any k-bit preparation.
+        shape: its ``transformers`` config.
+        add_lora: ``(model, lora, wrapped) -> model`` that adds LoRA (a backend may pass its own, as Unsloth's
+            ``get_peft_model``); default: plain PEFT.
+
+    Returns:
+        ``(model, wrapped)``: the adapted model (a ``PeftModel`` with LoRA) and the FFF-wrapped modules' names.
+    """
+    from fff_lightning.fff import inject_fff
+    from fff_lightning.lora import apply_lora
+
+    spec.check(shape)
+    wrapped = inject_fff(model, spec.fff, shape.hidden_size, shape.rms_norm_eps) if spec.fff else []
+    if spec.lora is not None:
+        if add_lora is None:
+            model = apply_lora(model, spec.lora, shape.num_hidden_layers, wrapped)
+        else:
+            model = add_lora(model, spec.lora, wrapped)
+    mark_only_adapters_trainable(model)
+    return model, wrapped
+
+
+_META: dict[str, tuple[int, dict[str, tuple[int, ...]]]] = {}
+
+
+def _on_meta(spec: AdapterSpec, shape) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """``(base parameters, {adapter tensor: shape})`` of ``spec`` on a meta-device model of ``shape``: no weight is
+    loaded, downloaded or allocated (however large the adapters). Cached per spec and shape."""
+    key = json.dumps([spec.to_dict(), shape.to_dict()], sort_keys=True, default=str)
+    if key not in _META:
+        from transformers import AutoModelForCausalLM
+
+        spec.check(shape)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(shape)
+            base = sum(p.numel() for p in model.parameters())
+            model, _ = apply_adapters(spec, model, shape)
+        _META[key] = (base, {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters() if is_adapter(n)})
+    return _META[key]
+
+
+def count_adapters(spec: AdapterSpec, shape) -> Budget:
+    """The adapters' parameter counts on a model of ``shape``, counted on the meta device."""
+    base, shapes = _on_meta(spec, shape)
+    counts = dict.fromkeys(ADAPTER_KINDS, 0)
+    for name, dims in shapes.items():
+        counts[adapter_kind(name)] += math.prod(dims)
+    return Budget(fff=counts["fff"], lora=counts["lora"], base=base)
+
+
+def adapter_shapes(spec: AdapterSpec, shape) -> dict[str, tuple[int, ...]]:
+    """``{canonical name: shape}`` of every adapter tensor ``spec`` puts on a model of ``shape``."""
+    return dict(_on_meta(spec, shape)[1])
+
+
+def check_size(spec: AdapterSpec, shape) -> Budget:
+    """Refuse adapters with more parameters than the base model they adapt (a typo such as a width of 10**9),
+    before anything is allocated; returns their budget."""
+    budget = count_adapters(spec, shape)
+    if budget.trainable > budget.base:
+        field = "model.fff" if budget.fff >= budget.lora else "model.lora"
+        knob = "width or n_sublayers" if field == "model.fff" else "r"
+        raise ConfigError(
+            field,
+            f"the adapters would have {budget.trainable:,} parameters, more than the base model's {budget.base:,}: "
+            f"lower {field}.{knob}",
+        )
+    return budget
+
+
+# -- reading and writing adapter folders -------------------------------------------------------------------------
+def read_spec(folder: str | Path) -> AdapterSpec:
+    """The adapters an adapter folder (written by :func:`save_adapters`) holds, from its JSON."""
+    config = read_adapter_config(folder)
+    try:
+        return AdapterSpec.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError("adapter", f"{Path(folder) / CONFIG_NAME}: {e}") from None
+
+
+def resolve_adapters(fff, lora, adapter_path: str | Path | None = None) -> AdapterSpec:
+    """The run's adapters from its config and, if given, a saved adapter folder, which then decides."""
+    return AdapterSpec.resolve(fff, lora, read_spec(adapter_path) if adapter_path is not None else None)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors, keyed by canonical name."""
     return {canonical_name(n): p.detach() for n, p in model.named_parameters() if is_adapter(n)}
@@ -74,7 +173,7 @@ def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, bas
         lora: the :class:`~fff_lightning.spec.LoRAConfig` used, or ``None``.
         base: facts about the base model to check on load (``hidden_size``, ``num_hidden_layers``, ...).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from fff_lightning.files import write_atomically
 
@@ -84,14 +183,16 @@ def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, bas
         raise NonFiniteAdapters(f"{len(bad)} adapter tensor(s) hold NaN or infinity (e.g. {bad[0]}); not saved")
     counts = count_parameters(model)
     config = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         **AdapterSpec(fff, lora).to_dict(),
         "base_model": base or {},
         "parameters": {k: counts[k] for k in (*ADAPTER_KINDS, "trainable")},
     }
 
+    data = save(tensors, metadata={"format": "pt"})  # serialised here, written by Python: a full disk is an OSError
+
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / WEIGHTS_NAME).write_bytes(data)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     return write_atomically(Path(folder), write, replace=True)
@@ -106,13 +207,57 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file() or not (Path(folder) / WEIGHTS_NAME).is_file():
         raise ConfigError("adapter", f"{folder} is not an adapter folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if path.stat().st_size > 1 << 20:
+        raise ConfigError("adapter", f"{path} is {path.stat().st_size:,} bytes, not an adapter config (a few KB)")
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("adapter", f"{path} is corrupt ({e}); export the adapters again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ConfigError("adapter", f"{path} is corrupt ({reason}); export the adapters again") from None
     if not isinstance(config, dict):
         raise ConfigError("adapter", f"{path} is not an adapter config (a JSON object); export the adapters again")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ConfigError(
+            "adapter",
+            f"{path} has format_version {version!r}; this fff_lightning reads format {FORMAT_VERSION} (a newer or "
+            "foreign file: export the adapters with this version)",
+        )
     return config
+
+
+def read_weights_header(folder: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of the adapter file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ConfigError("adapter", f"{path} is truncated or corrupt ({e}); export the adapters again") from None
+
+
+def check_adapter_folder(folder: str | Path, expected: dict[str, tuple[int, ...]], shape) -> None:
+    """Compare an adapter folder with the model it is meant for, before that model is built: its config's base
+    model facts with ``shape``, its weights' header (names, shapes, dtypes) with ``expected``
+    (``{canonical name: shape}`` of the adapters the config describes, counted on the meta device)."""
+    config = read_adapter_config(folder)
+    base = config.get("base_model") if isinstance(config.get("base_model"), dict) else {}
+    for key in ("hidden_size", "num_hidden_layers"):
+        if key in base and base[key] != getattr(shape, key):
+            raise ConfigError(
+                "adapter",
+                f"{folder} was trained on a base model with {key} {base[key]}; this run's has {getattr(shape, key)}",
+            )
+    header = read_weights_header(folder)
+    not_float = sorted(k for k, (dtype, _) in header.items() if dtype not in FLOAT_DTYPES)
+    if not_float:
+        k = not_float[0]
+        raise ConfigError(
+            "adapter", f"{folder}: {len(not_float)} tensor(s) are not floating point (e.g. {k}: {header[k][0]})"
+        )
+    mismatch(folder, expected, {k: shape for k, (_, shape) in header.items()}, "the file", "the config")
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> None:
@@ -123,6 +268,7 @@ def load_adapters(model: nn.Module, folder: str | Path) -> None:
     from safetensors.torch import load_file
 
     read_adapter_config(folder)
+    read_weights_header(folder)
     try:
         saved = load_file(str(Path(folder) / WEIGHTS_NAME))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -130,19 +276,32 @@ def load_adapters(model: nn.Module, folder: str | Path) -> None:
             "adapter", f"{Path(folder) / WEIGHTS_NAME} is truncated or corrupt ({e}); export the adapters again"
         ) from None
     params = {canonical_name(n): p for n, p in model.named_parameters() if is_adapter(n)}
-    missing = sorted(set(params) - set(saved))
-    unexpected = sorted(set(saved) - set(params))
-    wrong = sorted(k for k in set(saved) & set(params) if saved[k].shape != params[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        for what, keys in (("missing from the file", missing), ("not in the model", unexpected)):
-            if keys:
-                parts.append(f"{len(keys)} tensor(s) {what} (e.g. {keys[0]})")
-        if wrong:
-            k = wrong[0]
-            file_shape, model_shape = tuple(saved[k].shape), tuple(params[k].shape)
-            parts.append(f"{len(wrong)} shape mismatch(es) (e.g. {k}: file {file_shape}, model {model_shape})")
-        raise ConfigError("adapter", f"{folder} does not match the model: " + "; ".join(parts))
+    mismatch(folder, {k: tuple(p.shape) for k, p in params.items()}, {k: tuple(v.shape) for k, v in saved.items()})
+    not_float = sorted(k for k, v in saved.items() if not v.dtype.is_floating_point)
+    if not_float:
+        raise ConfigError("adapter", f"{folder}: tensor {not_float[0]} is {saved[not_float[0]].dtype}, not floating")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+
+
+def mismatch(where, expected: dict, got: dict, got_name: str = "the file", expected_name: str = "the model") -> None:
+    """Raise one :class:`ConfigError` naming missing, unexpected and mis-shaped tensors, if ``got`` (``{name:
+    shape}``) differs from ``expected``. Adapter files and checkpoints report mismatches through here."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k]) != tuple(expected[k]))
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    for what, keys in ((f"missing from {got_name}", missing), (f"not in {expected_name}", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} tensor(s) {what} (e.g. {keys[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} shape mismatch(es) (e.g. {k}: {got_name.removeprefix('the ')} {tuple(got[k])}, "
+            f"{expected_name.removeprefix('the ')} {tuple(expected[k])})"
+        )
+    field = "ckpt_path" if str(where).endswith(".ckpt") else "adapter"
+    raise ConfigError(field, f"{where} does not match {expected_name}: " + "; ".join(parts))

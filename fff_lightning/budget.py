@@ -17,7 +17,9 @@ __all__ = ["Budget", "Match", "count_budget", "match_fff_width", "match_lora_ran
 
 def count_budget(shape, fff: FFFConfig | None, lora: LoRAConfig | None) -> Budget:
     """Count the adapters of a run on a meta-device model of ``shape`` (a ``transformers`` config)."""
-    return AdapterSpec(fff, lora).count(shape)
+    from fff_lightning.adapters import count_adapters
+
+    return count_adapters(AdapterSpec(fff, lora), shape)
 
 
 def run_budget(base: BaseModelConfig, fff: FFFConfig | None, lora: LoRAConfig | None) -> Budget:
@@ -44,7 +46,9 @@ def config_budget(path: str, shape, field: str) -> int:
     from fff_lightning.cli import describe_run
 
     try:
-        return describe_run(path).model.adapters.count(shape).trainable
+        from fff_lightning.adapters import count_adapters
+
+        return count_adapters(describe_run(path).model.adapters, shape).trainable
     except ConfigError as e:
         raise ConfigError(field, f"{path}: {e}") from e
 

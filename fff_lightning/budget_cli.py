@@ -68,7 +68,9 @@ def main(argv: list[str]) -> None:
 
     run = describe_run(*args.config, overrides=overrides).model
     spec, base, shape = run.adapters, run.base, run.base_shape()
-    budget = spec.count(shape)
+    from fff_lightning.adapters import count_adapters
+
+    budget = count_adapters(spec, shape)
     result: dict = {
         "config": args.config if len(args.config) > 1 else args.config[0],
         "model": base.name_or_path if base.backend != "tiny" else "tiny",

@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fff_lightning.adapters import load_adapters
+from fff_lightning.adapters import (
+    adapter_shapes,
+    apply_adapters,
+    check_adapter_folder,
+    check_size,
+    load_adapters,
+    resolve_adapters,
+)
 from fff_lightning.errors import ConfigError
 from fff_lightning.fff import FFFLinear, decoder_layers
 from fff_lightning.files import cache_dir, write_atomically
@@ -194,7 +201,7 @@ def build_model(
         ``(model, tokenizer, shape)``: the adapted model (a ``PeftModel`` when LoRA is on), its tokenizer and the
         base model's ``transformers`` config.
     """
-    return load_model(base, AdapterSpec.resolve(fff, lora, adapter_path), adapter_path=adapter_path, seed=seed)
+    return load_model(base, resolve_adapters(fff, lora, adapter_path), adapter_path=adapter_path, seed=seed)
 
 
 def build_from_adapter(base: BaseModelConfig, adapter_path: str | Path, **kwargs):
@@ -205,7 +212,7 @@ def build_from_adapter(base: BaseModelConfig, adapter_path: str | Path, **kwargs
 def load_model(base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str | Path | None = None, seed=None):
     """:func:`build_model` for an :class:`~fff_lightning.spec.AdapterSpec` already resolved."""
     shape = base.shape()
-    adapters.check(shape)  # before anything heavy is loaded
+    check_before_loading(base, adapters, shape, adapter_path)
     backend = resolve_backend(base.backend)
     dtype = compute_dtype(base)
     if backend == "unsloth":
@@ -229,7 +236,7 @@ def load_model(base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str |
         if seed is not None:
             torch.manual_seed(seed)
         add_lora = _unsloth_lora(base, shape, seed) if backend == "unsloth" else None
-        model, wrapped = adapters.apply(model, shape, add_lora=add_lora)
+        model, wrapped = apply_adapters(adapters, model, shape, add_lora=add_lora)
     compiled = torch.cuda.is_available() if base.compile_fff is None else base.compile_fff
     for m in model.modules():
         if isinstance(m, FFFLinear):
@@ -246,6 +253,16 @@ def load_model(base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str |
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     return model, tokenizer, shape
+
+
+def check_before_loading(base: BaseModelConfig, adapters: AdapterSpec, shape, adapter_path=None) -> None:
+    """Every check of a run's model that needs no weight: the base model's limits, the adapters' layers, ranks and
+    size, and a saved adapter folder's header against the adapters it describes."""
+    base.check(shape)
+    adapters.check(shape)
+    check_size(adapters, shape)
+    if adapter_path is not None:
+        check_adapter_folder(adapter_path, adapter_shapes(adapters, shape), shape)
 
 
 def _unsloth_lora(base: BaseModelConfig, shape, seed: int | None):

@@ -6,10 +6,13 @@ entry point asks it: the LightningModule, ``budget``, the callbacks, run naming,
 The dataclasses check themselves in ``__post_init__``, so the Python API and the command line refuse the same
 values with the same message, naming the field as it is written in a YAML config (``model.fff.width``).
 
-:class:`AdapterSpec` is "which adapters this run has": read from a config, an adapter folder or a checkpoint;
-its legend names the run; :meth:`AdapterSpec.check` tests it against a model's shape; :meth:`AdapterSpec.count`
-counts it on the meta device; :meth:`AdapterSpec.apply` puts it on a loaded model, in the one order that works
-everywhere (FFF, then LoRA on the wrapped projections' inner layer, then the one trainable filter).
+:class:`AdapterSpec` is "which adapters this run has": read from a config, an adapter folder's JSON or a
+checkpoint; its legend names the run; :meth:`AdapterSpec.check` tests it against a model's shape. Putting adapters
+on a model, counting them on the meta device and reading adapter folders live above this module, in
+:mod:`fff_lightning.adapters`.
+
+Sizes are bounded before anything is allocated: by the model where it decides (layers, positions; adapters no
+larger than the model, in :mod:`fff_lightning.adapters`), else by the stated bounds below.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 #: beside FFF in step 2, ``r46`` the LoRA-only baseline of about the same budget.
 LORA_PRESETS: dict[str, tuple[int, float]] = {"lora": (16, 8), "lora2": (32, 16), "r24": (24, 12), "r46": (46, 23)}
 BACKENDS = ("auto", "tiny", "hf", "unsloth")
+#: Stated bounds for sizes the model does not bound itself (each far above any real run's).
+MAX_LAYER_INDEX = 9_999  # no decoder has 10,000 layers; the model's own count is checked once it is known
+MAX_SUBLAYERS = 64  # the research used at most 6
+MAX_SEQ_LENGTH = 1 << 20  # tokens; the model's own positions are checked once its shape is known
 BASE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 MISTRAL_7B = "mistralai/Mistral-7B-v0.1"
 #: Hub ids whose shape is Mistral-7B-v0.1's (``MistralConfig()`` defaults), known offline for budgets.
@@ -78,28 +85,47 @@ def parse_layers(
         return list(range(n_layers))
     if isinstance(spec, bool):
         raise ConfigError(field_name, f"expected 'all', a range like '13-19', or a list of ints; got {spec!r}")
+    limit = n_layers if n_layers is not None else MAX_LAYER_INDEX + 1
+
     if isinstance(spec, int):
         items: list[int] = [spec]
     elif isinstance(spec, str):
         items = []
+        if len(spec) > 10_000:
+            raise ConfigError(field_name, f"is {len(spec):,} characters long: give a range like '13-19'")
         for part in spec.split(","):
             part = part.strip()
-            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            m = re.fullmatch(r"(\d{1,12})\s*-\s*(\d{1,12})", part)
             if m:
                 lo, hi = int(m.group(1)), int(m.group(2))
                 if lo > hi:
                     raise ConfigError(field_name, f"range {part!r} runs backwards")
+                if hi >= limit:
+                    bad = list(range(max(lo, limit), min(hi, limit + 5) + 1))
+                    if n_layers is None:
+                        raise ConfigError(field_name, f"range {part!r} is beyond any model (at most {MAX_LAYER_INDEX})")
+                    raise ConfigError(
+                        field_name,
+                        f"layer(s) {bad}{'...' if hi > limit + 5 else ''} do not exist: the model has {n_layers} "
+                        f"layers (0-{n_layers - 1})",
+                    )
                 items.extend(range(lo, hi + 1))
-            elif re.fullmatch(r"\d+", part):
+            elif re.fullmatch(r"\d{1,12}", part):
                 items.append(int(part))
             else:
                 raise ConfigError(field_name, f"cannot read {part!r}: use 'all', '13-19', '0,2,5-7' or a list of ints")
     else:
-        items = [int(i) for i in spec]
-    if not items:
-        raise ConfigError(field_name, "selects no layer")
+        if isinstance(spec, (list, tuple)) and len(spec) > limit:
+            raise ConfigError(field_name, f"lists {len(spec):,} layers; the model has at most {limit}")
+        if not isinstance(spec, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in spec):
+            raise ConfigError(field_name, f"expected 'all', a range like '13-19', or a list of ints; got {spec!r}")
+        items = list(spec)
     if any(i < 0 for i in items):
         raise ConfigError(field_name, f"layer indices must be >= 0; got {sorted(items)}")
+    if n_layers is None and items and max(items) > MAX_LAYER_INDEX:
+        raise ConfigError(field_name, f"layer {max(items)} is beyond any model (at most {MAX_LAYER_INDEX})")
+    if not items:
+        raise ConfigError(field_name, "selects no layer")
     if n_layers is not None and max(items) >= n_layers:
         bad = sorted(i for i in set(items) if i >= n_layers)
         raise ConfigError(
@@ -187,9 +213,20 @@ class BaseModelConfig:
         choice("model.base.backend", self.backend, BACKENDS)
         choice("model.base.dtype", self.dtype, BASE_DTYPES)
         positive_int("model.base.max_seq_length", self.max_seq_length)
+        if self.max_seq_length > MAX_SEQ_LENGTH:
+            raise ConfigError("model.base.max_seq_length", f"{self.max_seq_length:,} is more than {MAX_SEQ_LENGTH:,}")
         k = self.checkpoint_layers
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ConfigError("model.base.checkpoint_layers", f"must be an int >= 0 or null (all layers); got {k!r}")
+
+    def check(self, shape) -> None:
+        """Refuse a ``max_seq_length`` beyond the positions the model was built for."""
+        limit = getattr(shape, "max_position_embeddings", None)
+        if limit and self.max_seq_length > limit:
+            raise ConfigError(
+                "model.base.max_seq_length",
+                f"{self.max_seq_length:,} is more than the model's {limit:,} positions (max_position_embeddings)",
+            )
 
     def shape(self):
         """The base model's ``transformers`` config (its shape), without loading or downloading any weight."""
@@ -257,6 +294,14 @@ class FFFConfig:
         if isinstance(self.targets, str):
             self.targets = [self.targets]
         positive_int("model.fff.n_sublayers", self.n_sublayers)
+        if self.n_sublayers > MAX_SUBLAYERS:
+            raise ConfigError("model.fff.n_sublayers", f"{self.n_sublayers} is more than the bound of {MAX_SUBLAYERS}")
+        if isinstance(self.width, (list, tuple)) and len(self.width) > MAX_SUBLAYERS:
+            raise ConfigError("model.fff.width", f"gives {len(self.width):,} widths, more than {MAX_SUBLAYERS}")
+        if isinstance(self.activation, (list, tuple)) and len(self.activation) > MAX_SUBLAYERS:
+            raise ConfigError(
+                "model.fff.activation", f"gives {len(self.activation):,} names, more than {MAX_SUBLAYERS}"
+            )
         widths = self.widths()
         if len(widths) != self.n_sublayers:
             raise ConfigError(
@@ -412,31 +457,27 @@ class AdapterSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterSpec:
+        if not isinstance(data, dict):
+            raise ConfigError("adapter", f"expected a mapping with 'fff' and 'lora'; got {type(data).__name__}")
         return cls(data.get("fff"), data.get("lora"))
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> AdapterSpec:
-        """The adapters an adapter folder (written by :func:`fff_lightning.adapters.save_adapters`) holds."""
-        from fff_lightning.adapters import read_adapter_config
-
-        return cls.from_dict(read_adapter_config(folder))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> AdapterSpec:
         """The adapters a Lightning checkpoint of :class:`~fff_lightning.module.FFFModule` was trained with."""
-        if "fff_adapters" not in checkpoint:
+        saved = checkpoint.get("fff_adapters")
+        if saved is None:
             raise ConfigError("ckpt_path", "the checkpoint was not written by fff_lightning: it names no adapters")
-        return cls.from_dict(checkpoint["fff_adapters"])
+        try:
+            return cls.from_dict(saved)
+        except (ConfigError, TypeError, AttributeError, ValueError) as e:
+            raise ConfigError("ckpt_path", f"the checkpoint's description of its adapters is damaged ({e})") from None
 
     @classmethod
-    def resolve(
-        cls, fff: FFFConfig | None, lora: LoRAConfig | None, adapter_path: str | Path | None = None
-    ) -> AdapterSpec:
-        """The run's adapters from its config and, if given, a saved adapter folder, which then decides; configs
-        given beside the folder must be the folder's."""
-        if adapter_path is None:
+    def resolve(cls, fff: FFFConfig | None, lora: LoRAConfig | None, saved: AdapterSpec | None = None) -> AdapterSpec:
+        """The run's adapters from its config and, if given, the adapters of a saved folder (``saved``), which then
+        decide; configs given beside the folder must be the folder's."""
+        if saved is None:
             return cls(fff, lora)
-        saved = cls.from_folder(adapter_path)
         for name, mine in (("fff", _as(FFFConfig, fff, "model.fff")), ("lora", _as(LoRAConfig, lora, "model.lora"))):
             theirs = getattr(saved, name)
             if mine is not None and mine != theirs:
@@ -460,53 +501,10 @@ class AdapterSpec:
 
     # -- against a model -----------------------------------------------------------------------------------------
     def check(self, shape) -> None:
-        """Refuse layers the model (a ``transformers`` config) does not have, before anything is loaded."""
+        """Refuse, before anything is loaded, layers the model (a ``transformers`` config) does not have.
+        :func:`fff_lightning.adapters.check_size` bounds the adapters' total size by the model's."""
         n = shape.num_hidden_layers
         if self.fff is not None:
             parse_layers(self.fff.layers, n, "model.fff.layers")
         if self.lora is not None:
             parse_layers(self.lora.layers, n, "model.lora.layers")
-
-    def count(self, shape) -> Budget:
-        """Count the adapters on a meta-device model of ``shape``: no weight is loaded or downloaded."""
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from fff_lightning.adapters import count_parameters
-
-        self.check(shape)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(shape)
-        base = sum(p.numel() for p in model.parameters())
-        model, _ = self.apply(model, shape)
-        counts = count_parameters(model)
-        return Budget(fff=counts["fff"], lora=counts["lora"], base=base)
-
-    def apply(self, model, shape, add_lora=None):
-        """Put the adapters on ``model`` in the one order: FFF on the targeted projections, then LoRA (naming the
-        wrapped projections' inner layer, so its delta sees FFF's output), then the one trainable filter.
-
-        Args:
-            model: a loaded (or meta-device) causal LM, after any k-bit preparation.
-            shape: its ``transformers`` config.
-            add_lora: ``(model, lora, wrapped) -> model`` that adds LoRA (the unsloth backend passes Unsloth's);
-                default: plain PEFT.
-
-        Returns:
-            ``(model, wrapped)``: the adapted model (a ``PeftModel`` with LoRA) and the FFF-wrapped modules' names.
-        """
-        from fff_lightning.adapters import mark_only_adapters_trainable
-        from fff_lightning.fff import inject_fff
-
-        self.check(shape)
-        wrapped = inject_fff(model, self.fff, shape.hidden_size, shape.rms_norm_eps) if self.fff else []
-        if self.lora is not None:
-            model = (add_lora or _peft_lora(shape))(model, self.lora, wrapped)
-        mark_only_adapters_trainable(model)
-        return model, wrapped
-
-
-def _peft_lora(shape):
-    from fff_lightning.lora import apply_lora
-
-    return lambda model, lora, wrapped: apply_lora(model, lora, shape.num_hidden_layers, wrapped)

@@ -45,10 +45,11 @@ def _lightning_cli():
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from fff_lightning import console, runs, table
+    from fff_lightning.adapters import resolve_adapters
+    from fff_lightning.checkpoint_io import read_checkpoint
     from fff_lightning.data.datamodule import FFFDataModule
     from fff_lightning.distributed import RUN_NAME_ENV, check_strategy, check_strategy_name, launch_rank, processes
-    from fff_lightning.module import FFFModule
-    from fff_lightning.spec import AdapterSpec
+    from fff_lightning.module import FFFModule, check_checkpoint_adapters
 
     console.setup()
 
@@ -83,6 +84,11 @@ def _lightning_cli():
             )
             parser.add_argument("--logs_dir", default="logs", help="root folder of TensorBoard logs and checkpoints")
             parser.add_argument(
+                "--out_dir",
+                default=None,
+                help="validate/test/predict: folder for the table or the predictions (default: the evaluated run's)",
+            )
+            parser.add_argument(
                 "--resume_changes",
                 default="refuse",
                 choices=["refuse", "allow"],
@@ -100,13 +106,23 @@ def _lightning_cli():
                 compute_fn=tokenizer_for,
             )
             parser.link_arguments("model.base.max_seq_length", "data.max_seq_length")
+            parser.link_arguments(
+                ("model.base.max_seq_length", "model.max_new_tokens"), "data.max_prompt_tokens", compute_fn=_prompt_room
+            )
 
         # -- where the run's files go --------------------------------------------------------------------------
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             _resolve_config_paths(cfg)
             check_strategy_name(cfg.trainer.strategy)  # before the Trainer, the run folder or the model
-            adapters = AdapterSpec.resolve(cfg.model.fff, cfg.model.lora, cfg.model.adapter_path)
+            runs.check_name("experiment", cfg.experiment)
+            if cfg.run_name is not None:
+                runs.check_name("run_name", cfg.run_name)
+            adapters = resolve_adapters(cfg.model.fff, cfg.model.lora, cfg.model.adapter_path)
+            self.checkpoint = None
+            if cfg.get("ckpt_path"):  # read (never run) and checked before any folder is claimed
+                self.checkpoint = read_checkpoint(cfg.ckpt_path)
+                check_checkpoint_adapters(self.checkpoint, adapters, cfg.get("resume_changes") == "allow")
             run = cfg.run_name or runs.run_name(adapters, None if self.subcommand in ("fit", None) else
                                                 cfg.model.adapter_path)  # fmt: skip
             if self.subcommand == "fit":
@@ -150,7 +166,10 @@ def _lightning_cli():
                 run,
                 cfg.model.adapter_path,
                 cfg.get("ckpt_path"),
+                cfg.get("out_dir"),
             )
+            if self.subcommand not in ("fit", None):  # its results must have somewhere to go: known before the work
+                runs.writable(self.run_dir, "out_dir")
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
@@ -170,25 +189,28 @@ def _lightning_cli():
                 for c in self.trainer.callbacks:
                     if isinstance(c, GracefulInterrupt):
                         c.argv = self.argv  # for the resume command it prints
+                        ARMED.append(c)
+                        c.arm()  # from here on, before any data is read: a signal never leaves a traceback
 
         # -- checks before anything loads, and reports after ---------------------------------------------------
         def before_fit(self) -> None:
             try:
-                ckpt = self.config[self.subcommand].get("ckpt_path")
-                if ckpt:  # a checkpoint of other adapters or data is refused before anything loads
-                    checkpoint = runs.read_checkpoint(ckpt)
-                    self.model.check_resume(checkpoint)
-                    state = checkpoint.get(type(self.datamodule).__qualname__, {})
+                if self.checkpoint is not None:  # a checkpoint of other data is refused before anything loads
+                    state = self.checkpoint.get(type(self.datamodule).__qualname__, {})
                     self.datamodule.check_resume(state, processes(self.trainer))
+                    self.checkpoint = None  # Lightning reads it again, memory-mapped: keep no second copy
                 check_strategy(self.trainer)
-                self.model.preflight(self.trainer)
+                if self.trainer.is_global_zero:  # before anything is logged: a full disk fails at its first write
+                    runs.check_space(Path(self.run_dir), self.model.checkpoint_bytes() + (64 << 20), "a checkpoint")
+                self.model.preflight(self.trainer, "fit")
             except BaseException:
                 for logger in self.trainer.loggers:  # close event files before the unused run folder goes
                     logger.finalize("failed")
                 raise
 
         def before_validate(self) -> None:
-            check_strategy(self.trainer)  # before the model loads
+            check_strategy(self.trainer)  # before the data or the model loads
+            self.model.preflight(self.trainer, self.subcommand)
 
         before_test = before_predict = before_validate
 
@@ -241,6 +263,11 @@ def _lightning_cli():
     return FFFCLI, FFFModule, FFFDataModule
 
 
+def _prompt_room(max_seq_length: int, max_new_tokens: int) -> int:
+    """How many tokens of a prompt fit beside its answer."""
+    return max_seq_length - max_new_tokens
+
+
 def _resolve_config_paths(cfg) -> None:
     """A run config names another by a path relative to itself (the budget guard's ``target``): make it absolute,
     looking next to each given config (the last first), then in the working directory."""
@@ -280,6 +307,10 @@ def describe_run(*configs: str | Path, overrides: list[str] | None = None):
         return Describe(module_cls, dm_cls, args=args, run=False, parser_kwargs={"prog": PROG})
 
 
+#: Signal handlers the running command installed; given back when it returns (in-process runs leave none behind).
+ARMED: list = []
+
+
 def run_lightning(argv: list[str] | None):
     """Run a Lightning subcommand (``None``: from ``sys.argv``); returns the CLI object for tests to read."""
     from fff_lightning.loading import preimport_unsloth
@@ -287,7 +318,14 @@ def run_lightning(argv: list[str] | None):
     if not any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
         preimport_unsloth()  # Unsloth must patch transformers before anything imports it
     cli_cls, module_cls, dm_cls = _lightning_cli()
-    return cli_cls(module_cls, dm_cls, args=argv, save_config_kwargs={"overwrite": True})
+    try:
+        return cli_cls(module_cls, dm_cls, args=argv, save_config_kwargs={"overwrite": True})
+    finally:
+        while ARMED:
+            ARMED.pop().disarm()
+        from fff_lightning import runs
+
+        runs.unlock_all()  # the command is over (main removes a folder it left unused)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,27 +358,66 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     except ConfigError as e:
         _fail(f"error: {e}", 2)
-    except (Diverged, Interrupted) as e:
-        _fail(f"error: {e}" if isinstance(e, Diverged) else str(e) if e.exit_code else "", e.exit_code, release=False)
+    except Diverged as e:
+        _fail(f"error: {e}", e.exit_code, release=False)
+    except Interrupted as e:
+        _fail(str(e) if e.exit_code else "", e.exit_code, release=e.release)
+    except KeyboardInterrupt:  # a Ctrl-C before the command took the signals (while reading its configs)
+        _fail("interrupted by SIGINT before training started: nothing was trained or saved", 130)
+    except RecursionError:
+        _fail("error: an input is nested too deeply to read (a JSON or YAML value thousands of levels deep)", 2)
+    except MemoryError:
+        _fail("error: out of memory (the machine's RAM): lower the sizes of the run (data.batch_size, "
+              "data.max_seq_length, the adapters) or free memory", 1)  # fmt: skip
     except OSError as e:
+        import errno
+
         from fff_lightning.files import DiskFullError
 
         if isinstance(e, DiskFullError):
             _fail(f"error: {e}", 1, release=False)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {e.filename}" if e.filename else ""
+            _fail(f"error: no space left on the device{where}: free some space, or write to another disk "
+                  "(--logs_dir, FFF_CACHE)", 1)  # fmt: skip
         if isinstance(e, PermissionError) and e.filename:
             _fail(f"error: cannot write {e.filename} ({e.strerror}): choose a folder you can write to", 2)
-        raise
+        _release_and_raise()
     except ValueError as e:  # jsonargparse wraps errors raised while it instantiates configs
         cause = config_error_in(e)
         if cause is None:
-            raise
+            full = _disk_full_in(e)
+            if full is not None:
+                _fail(f"error: no space left on the device ({full}): free some space, or write to another disk", 1)
+            _release_and_raise()
         _fail(f"error: {cause}", 2)
     except Exception as e:
         message = _known_failure(e)
         if message is None:
-            raise
+            _release_and_raise()
         bad_input = message.startswith("error: trainer")
         _fail(message, 2 if bad_input else 1, release=bad_input)
+
+
+def _disk_full_in(e: BaseException) -> str | None:
+    """The file of the first full-disk ``OSError`` in an exception's chain (loggers wrap theirs), or None."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(e.filename or "a file")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _release_and_raise() -> None:
+    """A failure this tool does not know (a bug): its traceback is shown, and the run folder it leaves unused goes."""
+    from fff_lightning import runs
+
+    runs.release_unused()
+    raise
 
 
 def _fail(message: str, code: int, release: bool = True) -> None:

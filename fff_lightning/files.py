@@ -14,6 +14,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fff_lightning.errors import ConfigError
+
+#: errno values that mean "this place cannot be written" (read-only, no permission, a file where a folder should be).
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+
+
+def not_writable(dest: Path, e: OSError) -> ConfigError:
+    """The one-line error for a place that cannot be written, saying which setting moves it."""
+    try:
+        in_cache = Path(dest).resolve().is_relative_to(cache_dir().resolve())
+    except OSError:
+        in_cache = False
+    field, hint = ("FFF_CACHE", "set FFF_CACHE to a folder you can write to") if in_cache else (
+        "output", "choose a folder you can write to")  # fmt: skip
+    return ConfigError(field, f"cannot write {dest} ({e.strerror or type(e).__name__}): {hint}")
+
 
 def cache_dir() -> Path:
     """Where fff_lightning keeps what it builds once (tokenizer folder, tiny models, tokenized data):
@@ -51,9 +67,16 @@ def write_atomically(dest: Path, build, replace: bool = False) -> Path:
     dest = Path(dest)
     if dest.exists() and not replace:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(dest.parent)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest)))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dest.parent)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_tmp_prefix(dest)))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(dest) from e
+        if e.errno in _UNWRITABLE:
+            raise not_writable(dest.parent, e) from None
+        raise
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's is private (0700); the folder gets a plain mkdir's mode
         try:
@@ -83,8 +106,15 @@ def atomic_file(dest: str | Path, mode: str = "w"):
     """``with atomic_file(path) as fh: fh.write(...)``: the file appears whole at ``path``, or not at all (the old
     one, if any, stays). Raises :class:`DiskFullError` naming the file when the disk fills up."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_tmp_prefix(dest))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_tmp_prefix(dest))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(dest) from e
+        if e.errno in _UNWRITABLE:
+            raise not_writable(dest.parent, e) from None
+        raise
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's is private (0600); the file gets a plain open()'s mode
         with os.fdopen(fd, mode) as fh:

@@ -12,10 +12,10 @@ import torch
 from torchmetrics import SumMetric
 
 from fff_lightning import table
-from fff_lightning.adapters import is_adapter, save_adapters
+from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_adapters
 from fff_lightning.distributed import HostValue, check_strategy
 from fff_lightning.errors import ConfigError, Diverged
-from fff_lightning.loading import load_model, resolve_backend
+from fff_lightning.loading import check_before_loading, load_model, resolve_backend
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class FFFModule(L.LightningModule):
         # to its sums, and no sample is repeated to even the processes out.
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.base = base
-        self.adapters = AdapterSpec.resolve(fff, lora, adapter_path)  # the one answer to "which adapters"
+        self.adapters = resolve_adapters(fff, lora, adapter_path)  # the one answer to "which adapters"
         self.adapter_path = adapter_path
         choice("model.optimizer", optimizer, OPTIMIZERS)
         choice("model.scheduler", scheduler, SCHEDULERS)
@@ -139,17 +139,35 @@ class FFFModule(L.LightningModule):
             self._shape = self.base.shape()
         return self._shape
 
-    def preflight(self, trainer: L.Trainer) -> None:
-        """Every check that needs no weight and no data, before either is touched: the adapters against the base
-        model's shape, then each callback's own ``preflight(trainer, module)`` (the budget guard). The CLI calls
-        it before ``fit``; ``setup`` calls it for runs started from Python (after their data is prepared)."""
+    def preflight(self, trainer: L.Trainer, stage: str = "fit") -> None:
+        """Every check that needs no weight and no data, before either is touched: the base model's limits and the
+        adapters against its shape (layers, ranks, size, a saved adapter folder's header), the memory the adapters
+        need for ``stage``, then, for ``fit``, each callback's own ``preflight(trainer, module)`` (the budget guard).
+        The CLI calls it before anything loads; ``setup`` calls it for runs started from Python (after their data
+        is prepared)."""
         if self._preflown:
             return
         self._preflown = True
-        self.adapters.check(self.base_shape())
+        shape = self.base_shape()
+        check_before_loading(self.base, self.adapters, shape, self.adapter_path)
+        from fff_lightning.adapters import count_adapters
+
+        check_memory(count_adapters(self.adapters, shape).trainable, self.optim["name"] if stage == "fit" else None,
+                     trainer)  # fmt: skip
+        if stage != "fit":
+            return
         for callback in trainer.callbacks:
             if hasattr(callback, "preflight"):
                 callback.preflight(trainer, self)
+
+    def checkpoint_bytes(self) -> int:
+        """About how large a checkpoint of this run is: the adapters and their optimizer states (the adapters are
+        checked first: a size they must not have is refused, not estimated)."""
+        from fff_lightning.adapters import count_adapters
+
+        check_before_loading(self.base, self.adapters, self.base_shape(), self.adapter_path)
+        trainable = count_adapters(self.adapters, self.base_shape()).trainable
+        return trainable * (4 + _OPTIMIZER_BYTES[self.optim["name"]])
 
     def export_adapters(self, folder: str | Path, **facts) -> Path:
         """Write the adapters alone to ``folder`` (safetensors + the adapter config), with ``facts`` about the run."""
@@ -185,30 +203,17 @@ class FFFModule(L.LightningModule):
 
     def check_resume(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of other adapters (unless ``allow_resume_changes`` and every tensor still fits)."""
-        if "fff_adapters" not in checkpoint:
-            return
-        saved = AdapterSpec.from_checkpoint(checkpoint)
-        if saved != self.adapters and not self.allow_resume_changes:
-            raise ConfigError(
-                "ckpt_path",
-                f"the checkpoint holds other adapters ({saved.legend()}: {saved.to_dict()}) than this run's "
-                f"({self.adapters.legend()}); give the run's own checkpoint, or --resume_changes allow if you mean it",
-            )
+        check_checkpoint_adapters(checkpoint, self.adapters, self.allow_resume_changes)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from fff_lightning.checkpoint_io import finish_epoch_end_state
+
         self.check_resume(checkpoint)
+        finish_epoch_end_state(checkpoint)  # a checkpoint of an epoch's end resumes into the next epoch
         self.configure_model()
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-        if expected != got:
-            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-            shapes = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-            raise ConfigError(
-                "ckpt_path",
-                f"checkpoint does not match the configured adapters: {len(missing)} missing (e.g. {missing[:1]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}), {len(shapes)} of another shape "
-                f"(e.g. {shapes[:1]})",
-            )
+        mismatch("the checkpoint", expected, got, "the checkpoint", "the configured adapters")
 
     # -- steps -------------------------------------------------------------------------------------------------
     def forward(self, batch: dict):
@@ -288,12 +293,18 @@ class FFFModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer)  # one device or DDP, before the model loads
-        if stage == "fit":
-            self.preflight(self.trainer)  # a no-op after the CLI's, before the model loads either way
+        self.preflight(self.trainer, stage)  # a no-op after the CLI's, before the model loads either way
         dm = self.trainer.datamodule
         self.val_names = list(getattr(dm, "val_names", []) or [])
+        if stage == "fit":
+            check_val_interval(self.trainer, len(getattr(dm, "train_batches", []) or []))
         if self.val_reduction == "batches" and getattr(dm, "packing", False):
             raise ConfigError("model.val_reduction", "'batches' weighs padded batches; it has no meaning with packing")
+        if stage == "predict" and self.max_new_tokens >= self.base.max_seq_length:
+            raise ConfigError(
+                "model.max_new_tokens",
+                f"{self.max_new_tokens} leaves no room for a prompt within max_seq_length {self.base.max_seq_length}",
+            )
         if stage in ("fit", "validate", "test"):
             # Sums per dataset: loss over scored tokens, scored tokens, samples, batch means x samples, and
             # non-finite batches. nan_strategy="disable": a NaN loss stays NaN in the sums (the default drops
@@ -376,3 +387,68 @@ class FFFModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_checkpoint_adapters(checkpoint: dict, adapters: AdapterSpec, allow_changes: bool = False) -> None:
+    """Refuse a checkpoint of other adapters than ``adapters`` (unless ``allow_changes``: other settings of the same
+    tensors, whose shapes are still checked when the checkpoint loads)."""
+    if "fff_adapters" not in checkpoint:
+        return
+    saved = AdapterSpec.from_checkpoint(checkpoint)
+    if saved != adapters and not allow_changes:
+        raise ConfigError(
+            "ckpt_path",
+            f"the checkpoint holds other adapters ({saved.legend()}: {saved.to_dict()}) than this run's "
+            f"({adapters.legend()}); give the run's own checkpoint, or --resume_changes allow if you mean it",
+        )
+
+
+#: Bytes per trainable parameter for what training keeps besides the weights' own copy: the gradient, and the
+#: optimizer's two moments (fp32 for AdamW; 8-bit AdamW keeps one byte each, plus small scales).
+_OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+
+
+def check_memory(trainable: int, optimizer: str | None, trainer) -> None:
+    """Refuse adapters whose weights (and, for training, gradients and optimizer states) alone would not fit the
+    device's memory (the GPU's total; on a CPU, the memory the system has available now)."""
+    per_param = 4 + (4 + _OPTIMIZER_BYTES[optimizer] if optimizer else 0)
+    need = trainable * per_param
+    accelerator = type(getattr(trainer, "accelerator", None)).__name__
+    if accelerator == "CUDAAccelerator" and torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU's"
+    else:
+        have, where = _available_ram(), "the memory this machine has available"
+    if have and need > have:
+        raise ConfigError(
+            "model",
+            f"the adapters alone need about {need / 2**30:.1f} GiB ({trainable:,} parameters x {per_param} bytes "
+            f"for weights{', gradients and optimizer states' if optimizer else ''}), more than {where} "
+            f"{have / 2**30:.1f} GiB: make them smaller",
+        )
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_val_interval(trainer, batches: int) -> None:
+    """Refuse, before the model loads, a ``trainer.val_check_interval`` of more batches than an epoch has (Lightning
+    would refuse it later, with a traceback, once the model is loaded)."""
+    interval, limit = trainer.val_check_interval, trainer.limit_train_batches
+    if not batches or not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+        return
+    if getattr(trainer, "limit_val_batches", 1) == 0:
+        return
+    n = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if interval > n:
+        raise ConfigError(
+            "trainer.val_check_interval",
+            f"{interval} is more than the {n} training batches of an epoch: give at most {n}, a fraction of the "
+            "epoch (e.g. 0.25), or trainer.check_val_every_n_epoch null to count batches across epochs",
+        )

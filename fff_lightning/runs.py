@@ -2,18 +2,38 @@
 
 A trained run's folder holds its TensorBoard events, checkpoints, exported adapters and validation table;
 ``validate``/``test``/``predict`` write into the folder of the run they evaluate (found from the adapter folder
-or checkpoint), else into ``<run>-<command>``.
+or checkpoint), into ``--out_dir`` when given, else into ``<run>-<command>``.
+
+A folder a process trains in is claimed in one step (``mkdir``) and locked for as long as that process lives
+(``flock`` on ``<run>/.lock``, released by the system even after ``kill -9``): a second run, a resume or a sweep
+that would use or rename it while it is in use is refused instead.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
 from fff_lightning.spec import AdapterSpec
+
+LOCK = ".lock"
+#: A name that becomes one folder: no separator, not "." or "..", no leading dot (hidden files are ours).
+_NAME = re.compile(r"[^/\\\x00-\x1f]{1,200}")
+
+
+def check_name(field: str, name: str) -> str:
+    """Refuse a name that would not be exactly one folder inside its parent (``../x``, ``a/b``, ``.``)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith(".") or name.strip() != name:
+        raise ConfigError(
+            field, f"{name!r} cannot be a folder name: use 1-200 characters without '/', '\\\\' or a leading '.'"
+        )
+    return name
 
 
 def run_name(adapters: AdapterSpec | None, adapter_path: str | None = None) -> str:
@@ -25,49 +45,135 @@ def run_name(adapters: AdapterSpec | None, adapter_path: str | None = None) -> s
 
 #: Run folders this process created; a run that fails before using its folder gives it back (release_unused).
 CLAIMED: list[Path] = []
+#: Lock files this process holds (open for the life of the process: the lock goes when the process does).
+_HELD: dict[Path, int] = {}
+
+
+def lock_folder(folder: Path) -> int | None:
+    """Hold ``folder``'s lock for the rest of this process; ``None`` if another live process holds it (the pid it
+    wrote is then in the lock file). Re-locking a folder this process holds returns its descriptor."""
+    folder = Path(folder)
+    if folder in _HELD:
+        return _HELD[folder]
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    try:  # who holds it, for messages: best effort (a full disk still lets the lock itself work)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
+    _HELD[folder] = fd
+    return fd
+
+
+def unlock_folder(folder: Path) -> None:
+    fd = _HELD.pop(Path(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def unlock_all() -> None:
+    """Give back every run folder this process holds (its command is over)."""
+    for folder in list(_HELD):
+        unlock_folder(folder)
+
+
+def holder(folder: Path) -> str:
+    """Who holds ``folder``'s lock, for messages: ``pid N``."""
+    try:
+        pid = (Path(folder) / LOCK).read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a live process other than this one holds ``folder``'s lock."""
+    folder = Path(folder)
+    if folder in _HELD or not (folder / LOCK).exists():
+        return False
+    fd = os.open(folder / LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def claim(parent: Path, name: str) -> str:
-    """Create ``parent/name`` (or ``name-1``, ``name-2``... if taken) in one step and return the name taken, so two
-    runs started together never share a folder."""
-    _writable(parent)
+    """Create ``parent/name`` (or ``name-1``, ``name-2``... if taken) in one step, lock it, and return the name taken,
+    so two runs started together never share a folder."""
+    writable(parent, "logs_dir")
     candidate, i = name, 0
     while True:
         try:
             (parent / candidate).mkdir()
-            CLAIMED.append(parent / candidate)
-            return candidate
         except FileExistsError:
             i += 1
             candidate = f"{name}-{i}"
+            continue
+        CLAIMED.append(parent / candidate)
+        lock_folder(parent / candidate)
+        return candidate
 
 
 def claim_named(parent: Path, name: str, resuming: str | None) -> str:
-    """The folder of a run named by ``--run_name``: a new one, or, when resuming (``--ckpt_path``), the existing one."""
-    _writable(parent)
+    """The folder of a run named by ``--run_name``: a new one, or, when resuming (``--ckpt_path``), the existing one
+    unless another process is using it now."""
+    writable(parent, "logs_dir")
+    folder = parent / name
     try:
-        (parent / name).mkdir()
-        CLAIMED.append(parent / name)
+        folder.mkdir()
+        CLAIMED.append(folder)
     except FileExistsError:
         if not resuming:
             raise ConfigError(
                 "run_name",
-                f"{parent / name} exists (another run, or one running now): choose another --run_name, leave it out "
+                f"{folder} exists (another run, or one running now): choose another --run_name, leave it out "
                 "for a fresh name, or resume that run with --ckpt_path",
             ) from None
+    if lock_folder(folder) is None:
+        raise ConfigError(
+            "run_name", f"{folder} is in use by a run still running ({holder(folder)}): wait for it, or stop it first"
+        )
     return name
 
 
-def _writable(parent: Path) -> None:
+def writable(folder: Path, field: str) -> None:
+    """Refuse, before any work, a folder this process cannot create or write into."""
+    folder = Path(folder)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".write-test-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as e:
         raise ConfigError(
-            "logs_dir", f"cannot write to {parent} ({e.strerror}): choose a --logs_dir you can write to"
+            field, f"cannot write to {folder} ({e.strerror}): choose a --{field} you can write to"
         ) from None
+
+
+def check_space(folder: Path, need: int, what: str) -> None:
+    """Refuse to start when ``folder``'s disk has less than ``need`` bytes free (a disk already full would fail at the
+    first file the run writes, after the data and the model were loaded)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise ConfigError(
+            "logs_dir",
+            f"only {free / 2**20:,.0f} MiB free on the disk of {folder}; {what} needs about {need / 2**20:,.0f} MiB: "
+            "free some space or choose a --logs_dir on another disk",
+        )
 
 
 def release_unused() -> None:
@@ -75,34 +181,19 @@ def release_unused() -> None:
     that failed on its input leaves nothing behind that would shift the next run's name."""
     for folder in CLAIMED:
         if folder.is_dir() and not any((folder / n).exists() for n in ("checkpoints", "adapter", "validation.json")):
+            unlock_folder(folder)
             shutil.rmtree(folder, ignore_errors=True)
     CLAIMED.clear()
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint, memory-mapped (cheap even for a large one), or one clear error if it is missing,
-    truncated or not a checkpoint."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("ckpt_path", f"no such checkpoint: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise ConfigError(
-            "ckpt_path",
-            f"{path} is truncated or not a checkpoint ({str(e).splitlines()[0][:120]}); pick an earlier one",
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError("ckpt_path", f"{path} is not a Lightning checkpoint")
-    return checkpoint
-
-
-def output_dir(command: str, logs_dir: str, experiment: str, run: str, adapter_path=None, ckpt_path=None) -> Path:
-    """Where tables and predictions go: the trained run's folder when it is known."""
+def output_dir(
+    command: str, logs_dir: str, experiment: str, run: str, adapter_path=None, ckpt_path=None, out_dir=None
+) -> Path:
+    """Where tables and predictions go: ``out_dir`` when given, else the trained run's folder when it is known."""
     if command == "fit":
         return Path(logs_dir) / experiment / run
+    if out_dir:
+        return Path(out_dir)
     if adapter_path:
         return Path(adapter_path).resolve().parent
     if ckpt_path:
@@ -112,12 +203,23 @@ def output_dir(command: str, logs_dir: str, experiment: str, run: str, adapter_p
 
 def write_predictions(folder: Path, predictions: list[dict]) -> Path:
     """``predictions.jsonl`` in ``folder`` (``predictions-1.jsonl``... if taken: an earlier file is never
-    overwritten): one ``{"prompt", "answer"}`` object per line."""
+    overwritten, even by a second ``predict`` writing at the same moment): one ``{"prompt", "answer"}`` per line."""
     from fff_lightning.files import write_text
 
     folder.mkdir(parents=True, exist_ok=True)
-    out, i = folder / "predictions.jsonl", 0
-    while out.exists():
-        i += 1
-        out = folder / f"predictions-{i}.jsonl"
-    return write_text(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    i = 0
+    while True:
+        out = folder / ("predictions.jsonl" if i == 0 else f"predictions-{i}.jsonl")
+        try:
+            os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # the name is ours from here
+            break
+        except FileExistsError:
+            i += 1
+    return write_text(out, "".join(json_line(p) + "\n" for p in predictions))
+
+
+def json_line(obj) -> str:
+    """One JSON object on one line, readable text kept, with the characters that other line splitters (Python's
+    ``str.splitlines``, some editors) take for line ends escaped: U+0085, U+2028, U+2029."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return text.replace("\u0085", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

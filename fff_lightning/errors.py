@@ -55,10 +55,15 @@ class Diverged(RuntimeError):
     exit_code = 3
 
 
-class Interrupted(RuntimeError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved at a step boundary; the message says how to resume."""
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. During training a checkpoint was saved at a step boundary and the message says how to
+    resume; before training nothing was made (``release``: the run's unused folder goes).
 
-    def __init__(self, message: str, signum: int):
+    A ``BaseException``, as ``KeyboardInterrupt`` is: code that catches ``Exception`` (a cache read, a retry) must
+    not swallow it."""
+
+    def __init__(self, message: str, signum: int, release: bool = False):
         """``signum`` 0: a process other than the first of several, which stops quietly with status 0."""
         super().__init__(message)
         self.exit_code = 128 + signum if signum else 0  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        self.release = release

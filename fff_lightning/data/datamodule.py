@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,6 +29,11 @@ from fff_lightning.errors import ConfigError
 from fff_lightning.spec import choice
 
 log = logging.getLogger(__name__)
+#: Stated bounds: a batch of more samples, a sequence or packed row of more tokens, or a training mix of more
+#: samples than these is refused before anything is allocated (each far above a real run on one GPU).
+MAX_BATCH = 4096
+MAX_TOKENS = 1 << 20
+MAX_SAMPLES = 50_000_000
 
 
 class TokenizedRows(Dataset):
@@ -84,7 +90,10 @@ class FFFDataModule(L.LightningDataModule):
             disables the cache.
         cache: reuse tokenized data keyed by everything that changes it.
         num_proc: processes for tokenization (``datasets.map``).
-        predict_file: prompts for ``predict``: ``.jsonl`` with a ``prompt`` field, or one prompt per line.
+        predict_file: prompts for ``predict``: ``.jsonl`` with a ``prompt`` field per line, ``.json`` (an array of
+            prompts), or plain text with one prompt per line.
+        max_prompt_tokens: longer prompts keep their last tokens (the command line sets it to ``max_seq_length -
+            model.max_new_tokens``, so every answer has room); default ``max_seq_length``.
     """
 
     def __init__(
@@ -111,13 +120,18 @@ class FFFDataModule(L.LightningDataModule):
         cache: bool = True,
         num_proc: int | None = None,
         predict_file: str | None = None,
+        max_prompt_tokens: int | None = None,
     ):
         super().__init__()
         choice("data.text_style", text_style, TEXT_STYLES)
         choice("data.loss_on", loss_on, LOSS_ON)
-        for name, v in (("max_seq_length", max_seq_length), ("batch_size", batch_size)):
-            if not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"data.{name}", f"must be a positive int; got {v!r}")
+        for name, v, bound in (("max_seq_length", max_seq_length, MAX_TOKENS), ("batch_size", batch_size, MAX_BATCH),
+                               ("val_batch_size", val_batch_size or 1, MAX_BATCH)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= bound:
+                raise ConfigError(f"data.{name}", f"must be an int from 1 to {bound:,}; got {v!r}")
+        for name, v in (("num_workers", num_workers), ("num_proc", num_proc or 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"data.{name}", f"must be an int >= 0; got {v!r}")
         sources = list(sources) if sources is not None else research_sources()
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
@@ -136,23 +150,28 @@ class FFFDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
+        cores = os.cpu_count() or 1
+        if num_workers > cores or (num_proc or 0) > cores:
+            log.info("data: num_workers/num_proc capped at this machine's %d cores", cores)
+        self.num_workers = min(num_workers, cores)
         self.seed = seed
         self.group = group_by_length
         self.packing = packing
         self.tokens_per_batch = tokens_per_batch or batch_size * max_seq_length
-        if not isinstance(self.tokens_per_batch, int) or self.tokens_per_batch < max_seq_length:
+        if not isinstance(self.tokens_per_batch, int) or not max_seq_length <= self.tokens_per_batch <= MAX_TOKENS:
             raise ConfigError(
                 "data.tokens_per_batch",
-                f"must be an int >= max_seq_length ({max_seq_length}) so every sample fits; got {tokens_per_batch!r}",
+                f"must be an int from max_seq_length ({max_seq_length:,}, so every sample fits) to {MAX_TOKENS:,}; "
+                f"got {self.tokens_per_batch!r}",
             )
         if packing and group_by_length:
             log.warning("data.group_by_length has no effect with packing: packed batches hold no padding")
         self.tokenizer_name = tokenizer
         self.cache_dir = cache_dir
         self.cache = cache
-        self.num_proc = num_proc
+        self.num_proc = min(num_proc, cores) if num_proc else num_proc
         self.predict_file = predict_file
+        self.max_prompt_tokens = max_prompt_tokens or max_seq_length
         self._skip = 0  # batches of the current epoch already trained on, restored from a checkpoint
         self.prepared: list[Prepared] = []
         self.summary: list[dict] = []
@@ -188,8 +207,14 @@ class FFFDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
+            if not self.predict_file:
+                raise ConfigError("data.predict_file", "predict needs prompts: give --data.predict_file <file>")
             self.predict_set = PromptRows(
-                read_prompts(self.predict_file or ""), self.tokenizer, self.opts.style, self.opts.chat_template
+                read_prompts(self.predict_file),
+                self.tokenizer,
+                self.opts.style,
+                self.opts.chat_template,
+                max(self.max_prompt_tokens, 1),
             )
             return
         if self.prepared:
@@ -197,6 +222,13 @@ class FFFDataModule(L.LightningDataModule):
         self.prepared = self._prepare_all()
         world, _ = self._ranks()
         parts = [p.train for p in self.prepared]
+        total = sum(len(p) * s.source.repeat for p, s in zip(parts, self.prepared, strict=True))
+        if total > MAX_SAMPLES:
+            raise ConfigError(
+                "data.sources",
+                f"the training mix would hold {total:,} samples (rows x repeat), more than the bound of "
+                f"{MAX_SAMPLES:,}: lower train_rows or repeat",
+            )
         order = mix_order([len(p) for p in parts], [p.source.repeat for p in self.prepared], self.seed, self.shuffle)
         if self.group and not self.packing:
             lengths = [p["length"] for p in parts]
@@ -299,8 +331,9 @@ class FFFDataModule(L.LightningDataModule):
         if trainer is None or not hasattr(self, "train_set"):
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        per_epoch = min(self.train_batches_per_epoch(), trainer.num_training_batches)  # trainer.limit_train_batches
         return {
-            "batches_done_in_epoch": done % self.train_batches_per_epoch(),
+            "batches_done_in_epoch": done if done < per_epoch else 0,  # an epoch's end: the next starts afresh
             "seed": self.seed,
             "train_samples": len(self.train_set),
             "settings": self.settings(),

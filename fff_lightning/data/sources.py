@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from fff_lightning.errors import ConfigError
 from fff_lightning.spec import choice
 
 TAKES = ("head", "tail", "random")
+#: Stated bound of ``repeat`` (the research repeated one dataset 6 times).
+MAX_REPEAT = 1000
+#: A source's name is one word: it names the dataset in tables and its entry in the cache folder.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 BUNDLED = Path(__file__).parent / "samples"
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -57,6 +62,12 @@ class SourceConfig:
     response_column: str = "response"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ConfigError(
+                "data.sources.name",
+                f"{self.name!r}: a dataset name is letters, digits, '_', '-' and '.' (at most 64, starting with a "
+                "letter or digit); it names the dataset's table row and cache entry",
+            )
         f = f"data.sources.{self.name}"
         choice(f"{f}.schema", self.schema, tuple(SCHEMA_COLUMNS))
         for key in ("train_rows", "val_rows"):
@@ -71,8 +82,8 @@ class SourceConfig:
                 raise ConfigError(f"{f}.{key}", f"must be a positive count, a fraction in (0, 1], or null; got {v!r}")
         for key in ("train_take", "val_take"):
             choice(f"{f}.{key}", getattr(self, key), TAKES)
-        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or self.repeat <= 0:
-            raise ConfigError(f"{f}.repeat", f"must be a positive int; got {self.repeat!r}")
+        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or not 0 < self.repeat <= MAX_REPEAT:
+            raise ConfigError(f"{f}.repeat", f"must be an int from 1 to {MAX_REPEAT}; got {self.repeat!r}")
 
     def columns(self) -> tuple[str, ...]:
         if self.schema == "prompt_response":
@@ -159,6 +170,8 @@ def check_json_lines(file: str) -> None:
                 json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError("data", f"{file}, line {n}: malformed JSON ({e.msg})") from None
+            except RecursionError:
+                raise ConfigError("data", f"{file}, line {n}: nested too deeply to be a row") from None
     if not rows:
         raise ConfigError("data", f"{file} holds no row (only blank lines)")
 

@@ -17,6 +17,8 @@ import argparse
 import csv
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
@@ -54,15 +56,57 @@ def read_run(folder: Path) -> dict:
         rows = json.loads(table.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError("report", f"{table} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    return {"name": folder.name, "rows": rows, "curves": read_curves(folder)}
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError("report", f"{table} is not a validation table ({type(e).__name__})") from None
+    return {"name": folder.name, "rows": check_rows(table, rows), "curves": read_curves(folder)}
+
+
+def check_rows(table: Path, rows) -> list[dict]:
+    """The rows of a ``validation.json`` as ``validate`` writes them (a list of objects with a ``dataset`` name and
+    a numeric ``loss``); anything else is refused in one line naming the file."""
+    if not isinstance(rows, list) or not rows:
+        what = "an empty list" if rows == [] else f"a JSON {type(rows).__name__}"
+        raise ConfigError("report", f"{table} is not a validation table: it holds {what}, not a list of rows")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("dataset"), str):
+            raise ConfigError("report", f"{table}: row {i + 1} is not an object with a 'dataset' name")
+        loss = r.get("loss")
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise ConfigError("report", f"{table}: row {i + 1} ({r['dataset']}) has no numeric 'loss' ({loss!r})")
+    return rows
+
+
+def truncated_at(event_file: Path) -> int | None:
+    """The byte at which an event file's last record is cut off (a run killed mid-write, a copy cut short), or
+    ``None`` when every record is whole. TensorBoard's reader stops there without a word."""
+    import struct
+
+    size, pos = event_file.stat().st_size, 0
+    with open(event_file, "rb") as fh:
+        while pos < size:
+            head = fh.read(12)  # uint64 length, uint32 masked crc of the length
+            if len(head) < 12:
+                return pos
+            (n,) = struct.unpack("<Q", head[:8])
+            end = pos + 12 + n + 4  # the data and its crc
+            if end > size:
+                return pos
+            fh.seek(end)
+            pos = end
+    return None
 
 
 def read_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), ...]}`` of the scalar series in a run's TensorBoard event files."""
+    """``{tag: [(step, value), ...]}`` of the scalar series in a run's TensorBoard event files; a file cut short is
+    read up to its last whole record, with a warning."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     curves: dict[str, dict[int, float]] = {}
     for f in sorted(folder.glob("events.out.tfevents.*")):
+        cut = truncated_at(f)
+        if cut is not None:
+            print(f"warning: {f} is cut short at byte {cut:,} of {f.stat().st_size:,}: its curves stop at the last "
+                  "whole record", file=sys.stderr)  # fmt: skip
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
@@ -92,7 +136,9 @@ def write_tables(out: Path, runs: list[dict], reference: bool) -> list[Path]:
     reductions = sorted({r.get("reduction", "tokens") for run in runs for r in run["rows"]})
 
     def cell(v):
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+        if v is None:
+            return ""  # the run has no such dataset
+        return f"{v:.4f}" if math.isfinite(v) else f"{v} (NOT FINITE)"
 
     md = ["| dataset | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for ds, row in zip(datasets, values, strict=True):
@@ -188,6 +234,46 @@ def plot_bars(out: Path, runs: list[dict], reference: bool, colours: dict) -> Pa
     return out / "final_val_loss.png"
 
 
+_FAILED = re.compile(r".+\.failed-\d+$")
+
+
+def pick_runs(paths: list[Path]) -> list[Path]:
+    """The run folders among ``paths``: what a glob such as ``logs/<experiment>/*`` brings besides them after a sweep
+    (its ``sweep.json``, failed runs kept aside as ``<name>.failed-<n>``, runs it records as failed) is left out
+    with a note; a path that does not exist, or a folder that is not a finished run, is refused."""
+    runs, notes = [], []
+    failed_in_sweep: dict[Path, set[str]] = {}
+    for p in paths:
+        if not p.exists():
+            raise ConfigError("report", f"no such run folder: {p}")
+        if p.is_file():
+            notes.append(f"{p.name} (a file)")
+            continue
+        if _FAILED.fullmatch(p.name):
+            notes.append(f"{p.name} (a failed run, kept aside)")
+            continue
+        if p.parent not in failed_in_sweep:
+            failed_in_sweep[p.parent] = _failed_runs(p.parent / "sweep.json")
+        if p.name in failed_in_sweep[p.parent] and not (p / "validation.json").is_file():
+            notes.append(f"{p.name} (failed in the sweep)")
+            continue
+        runs.append(p)
+    if notes:
+        print("report: left out " + ", ".join(notes), file=sys.stderr)
+    if not runs:
+        raise ConfigError("report", "no finished run among the folders given")
+    return runs
+
+
+def _failed_runs(status: Path) -> set[str]:
+    try:
+        data = json.loads(status.read_text()) if status.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return set()
+    return {n for n, e in data.items() if isinstance(e, dict) and e.get("state") == "failed"} if isinstance(
+        data, dict) else set()  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m fff_lightning report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -198,10 +284,7 @@ def main(argv: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
-    folders = [Path(r) for r in args.runs]
-    for f in folders:
-        if not f.is_dir():
-            raise ConfigError("report", f"no such run folder: {f}")
+    folders = pick_runs([Path(r) for r in args.runs])
     runs = [read_run(f) for f in folders]
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):  # the same name in two experiments: tell them apart

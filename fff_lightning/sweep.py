@@ -16,14 +16,22 @@ A grid file::
 Runs are named after their adapters (the research's legend, ``lora-[128]-6-[gelu_new]-[up_proj]``), plus the
 grid's other settings (``-lr=3e-05``). A run that finished (its ``validation.json`` exists and ``sweep.json`` records
 it with the same settings) is skipped when the sweep runs again; a run that fails is recorded with its error,
-its folder is kept aside as ``<name>.failed-<n>``, and the sweep goes on.
+its folder is kept aside as ``<name>.failed-<n>`` when the sweep next runs it, and the sweep goes on.
+
+One sweep of an experiment runs at a time (a second copy is refused: ``<logs_dir>/<experiment>/.sweep.lock``); a
+run folder another process is using is never renamed; each run's process dies with the sweep, even after a
+``kill -9`` of the sweep (Linux), and Ctrl-C or SIGTERM to the sweep reaches the run, which saves its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import fcntl
 import itertools
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,6 +122,7 @@ def _suffix(settings: dict) -> str:
 
 def expand(grid: Grid) -> list[Run]:
     """Every run of the grid, with its name and ``fit`` overrides, then the baselines asked for."""
+    from fff_lightning.adapters import count_adapters
     from fff_lightning.cli import describe_run
 
     shared = [_flag(k, v) for k, v in grid.set.items()]
@@ -125,7 +134,7 @@ def expand(grid: Grid) -> list[Run]:
         module = describe_run(*grid.configs, overrides=overrides).model
         name = module.adapters.legend() + _suffix(settings)
         try:
-            trainable = module.adapters.count(module.base_shape()).trainable
+            trainable = count_adapters(module.adapters, module.base_shape()).trainable
         except ConfigError:  # e.g. a layer the model does not have: the run will fail and be recorded
             trainable = None
         runs.append(Run(name, overrides, trainable=trainable))
@@ -162,16 +171,37 @@ def _read_status(grid: Grid) -> dict:
     path = _status_path(grid)
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return {}
 
 
 def _write_status(grid: Grid, status: dict) -> None:
-    path = _status_path(grid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(status, indent=2) + "\n")
-    tmp.replace(path)
+    from fff_lightning.files import write_text
+
+    write_text(_status_path(grid), json.dumps(status, indent=2) + "\n")
+
+
+def lock_experiment(grid: Grid) -> int:
+    """Hold the experiment's sweep lock for the rest of this process; refuse a second sweep of it in one line."""
+    from fff_lightning.runs import writable
+
+    folder = Path(grid.logs_dir) / grid.experiment
+    writable(folder, "logs_dir")
+    fd = os.open(folder / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"pid {other}" if other.isdigit() else "its lock is held"
+        raise ConfigError(
+            "sweep",
+            f"another sweep of {grid.experiment!r} is running ({who}; {folder / '.sweep.lock'}): wait for it, or "
+            "stop it first",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _finished(grid: Grid, run: Run, status: dict) -> bool:
@@ -189,13 +219,59 @@ def _command(grid: Grid, run: Run, subcommand: str) -> list[str]:
     return cmd
 
 
-def _set_aside(folder: Path) -> None:
-    """Keep an unfinished run's folder, renamed, so the rerun starts clean and nothing is lost."""
-    if folder.exists():
-        i = 1
-        while folder.with_name(f"{folder.name}.failed-{i}").exists():
-            i += 1
-        folder.rename(folder.with_name(f"{folder.name}.failed-{i}"))
+def _set_aside(folder: Path) -> str | None:
+    """Keep an unfinished run's folder, renamed, so the rerun starts clean and nothing is lost; a folder a live
+    process is using (a ``fit`` started by hand under the same name) is left alone: returns why not."""
+    from fff_lightning.runs import holder, in_use
+
+    if not folder.exists():
+        return None
+    if in_use(folder):
+        return f"{folder} is in use by a run still running ({holder(folder)}); not touched"
+    i = 1
+    while folder.with_name(f"{folder.name}.failed-{i}").exists():
+        i += 1
+    folder.rename(folder.with_name(f"{folder.name}.failed-{i}"))
+    return None
+
+
+def _die_with_parent() -> None:
+    """In a run's process, before it starts: the kernel sends it SIGTERM when the sweep dies, even of ``kill -9``
+    (Linux ``PR_SET_PDEATHSIG``); the run then saves its checkpoint and stops, and a rerun cannot collide with it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the run outlives a killed sweep
+        pass
+
+
+def _run_child(cmd: list[str], quiet: bool) -> subprocess.CompletedProcess:
+    """One ``fit``/``validate`` of the sweep. Ctrl-C or SIGTERM to the sweep reach the run (it saves and stops)
+    and the sweep waits for it, then stops too."""
+    kw = dict(stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE if quiet else None, text=True)
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, **kw)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out, err = proc.communicate()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        from fff_lightning.errors import Interrupted
+
+        tail = (err or "").strip().splitlines()[-1:] if quiet else []
+        raise Interrupted(
+            f"sweep interrupted by {signal.Signals(got[0]).name} during {cmd[3]} of a run"
+            + (f": {tail[0]}" if tail else "; the run's own line above says what it saved"),
+            got[0],
+        )
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _error_line(stderr: str) -> str:
@@ -220,11 +296,12 @@ def run_grid(grid: Grid, runs: list[Run], quiet: bool = False) -> dict:
         entry = {"overrides": run.overrides, "baseline_of": run.baseline_of}
         if not run.overrides and run.baseline_of:  # a baseline whose FFF run cannot be counted
             entry.update(state="failed", error=f"no budget to match: {run.baseline_of}")
+        elif busy := _set_aside(folder):
+            entry.update(state="failed", step="fit", error=busy)
         else:
-            _set_aside(folder)
             steps = ["fit", "validate"] if grid.validate else ["fit"]
             for sub in steps:
-                done = subprocess.run(_command(grid, run, sub), capture_output=quiet, text=True)
+                done = _run_child(_command(grid, run, sub), quiet)
                 if done.returncode != 0:
                     entry.update(state="failed", step=sub, error=_error_line(done.stderr or ""))
                     break
@@ -261,6 +338,8 @@ def main(argv: list[str]) -> None:
     grid = load_grid(args.config)
     if args.logs_dir:
         grid.logs_dir = args.logs_dir
+    if not args.dry_run:
+        lock_experiment(grid)  # before the grid is expanded: a second copy is refused at once
     runs = expand(grid)
     if args.dry_run:
         for r in runs:

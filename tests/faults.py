@@ -44,3 +44,19 @@ class NaNAtStep(L.Callback):
             with torch.no_grad():
                 self._weight(pl_module).copy_(self.saved)
             self.saved = None
+
+
+class SignalAtHook(L.Callback):
+    """Send this process a real signal when a Lightning hook runs (``on_sanity_check_start``,
+    ``on_validation_start``...); with ``after_step``, only once training has made that many steps."""
+
+    def __init__(self, hook: str, signum: str = "SIGINT", after_step: int = 0):
+        self.signum = getattr(signal, signum)
+        self.after_step = after_step
+        self.sent = False
+        setattr(self, hook, self._send)
+
+    def _send(self, trainer, *args, **kwargs):
+        if not self.sent and trainer.global_step >= self.after_step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from fff_lightning.adapters import count_adapters
 from fff_lightning.budget import count_budget, match_fff_width, match_lora_rank
 from fff_lightning.cli import describe_run
 from fff_lightning.spec import BaseModelConfig, FFFConfig, LoRAConfig
@@ -19,7 +20,7 @@ def mistral7b():
 
 def test_step2_fff_plus_lora_budget_is_the_research_figure():
     run = describe_run(CONFIGS / "step2.yaml").model
-    b = run.adapters.count(run.base_shape())
+    b = count_adapters(run.adapters, run.base_shape())
     assert b.fff == 7 * 6 * (3 * 4096 * 128 + 4096) == 66_232_320
     assert b.lora == 24 * LORA_PER_RANK_7B == 62_914_560
     assert b.trainable == 129_146_880
@@ -28,7 +29,7 @@ def test_step2_fff_plus_lora_budget_is_the_research_figure():
 
 def test_step2_lora_baseline_budget_is_the_research_figure():
     run = describe_run(CONFIGS / "step2_lora.yaml").model
-    b = run.adapters.count(run.base_shape())
+    b = count_adapters(run.adapters, run.base_shape())
     assert (b.fff, b.lora) == (0, 46 * LORA_PER_RANK_7B) == (0, 120_586_240)
 
 

@@ -285,7 +285,7 @@ def write(tmp_path, name, text):
         (lambda t: SourceConfig("x", "bundled:metamath", "gsm8k"), "data.sources.x.schema: unknown value 'gsm8k'"),
         (
             lambda t: SourceConfig("x", "bundled:metamath", "metamath", repeat=0),
-            "data.sources.x.repeat: must be a positive int",
+            "data.sources.x.repeat: must be an int from 1 to 1000",
         ),
         (
             lambda t: SourceConfig("x", "bundled:metamath", "metamath", train_rows=-3),

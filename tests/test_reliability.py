@@ -109,21 +109,80 @@ def test_adapters_holding_nan_are_never_exported(tiny, tmp_path):
 
 
 # -- interruptions -----------------------------------------------------------------------------------------------
+def resume_command(stderr: str) -> list[str]:
+    """The command the interrupted run printed, to run as a user pastes it (``python`` = this interpreter)."""
+    import shlex
+
+    line = stderr.strip().splitlines()[-1]
+    cmd = shlex.split(line.split("Resume with: ", 1)[1])
+    assert cmd[:3] == ["python", "-m", "fff_lightning"], cmd
+    return [sys.executable, *cmd[1:]]
+
+
 def test_sigint_saves_a_checkpoint_and_the_adapters_and_the_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
-    out = subprocess_fit(tmp_path, *fault("SignalAtStep", step=5, signum="SIGINT"))
+    # Interrupted at step 3 (SIGINT), resumed with the printed command, interrupted again at step 6 (SIGTERM), resumed
+    # again with the new printed command: the same as never interrupted.
+    twice = [*fault("SignalAtStep", step=3, signum="SIGINT"), *fault("SignalAtStep", step=6, signum="SIGTERM")]
+    out = subprocess_fit(tmp_path, *twice)
     assert out.returncode == 130, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith("interrupted by SIGINT at step 5; saved checkpoint") and "Resume with: python -m" in line
+    assert line.startswith("interrupted by SIGINT at step 3; saved checkpoint") and "Resume with: python -m" in line
     run = run_dir(tmp_path)
-    ckpt = run / "checkpoints" / "interrupted-step=5.ckpt"
-    assert ckpt.is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
-    resumed = run_lightning(args(tmp_path, "--run_name", run.name, "--ckpt_path", str(ckpt)))
+    assert (run / "checkpoints" / "interrupted-step=3.ckpt").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    again = subprocess.run(resume_command(out.stderr), capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 143, again.stderr[-2000:]
+    second = resume_command(again.stderr)
+    ckpt_args = [a for a in second if a.startswith("--ckpt_path")]
+    assert ckpt_args == ["--ckpt_path"] and second[second.index("--ckpt_path") + 1].endswith("interrupted-step=6.ckpt")
+    assert second.count("--run_name") == 1
+    resumed = run_lightning(second[3:])  # in this process: the same command line, without the interpreter
     ref_losses, ref_weights = uninterrupted
     got = losses(Path(resumed.trainer.log_dir))
-    assert [got[s] for s in (5, 6, 7)] == [ref_losses[s] for s in (5, 6, 7)]  # steps 6-8 (logged from 0)
+    assert {5, 6, 7} <= set(got) and all(got[s] == ref_losses[s] for s in got)  # what three processes logged
     weights = adapter_weights(run / "adapter")
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import fff_lightning.data.datamodule as dm
+
+    for extra, code, when in (
+        (fault("SignalAtHook", hook="on_sanity_check_start", signum="SIGINT"), 130, "sanity check"),
+        ([], 143, "tokenization"),
+    ):
+        if not extra:  # a real SIGTERM while the data is being prepared
+            original = dm.prepare_source
+
+            def prepare(*a, original=original, **k):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return original(*a, **k)
+
+            monkeypatch.setattr(dm, "prepare_source", prepare)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(args(tmp_path / "logs", "--trainer.num_sanity_val_steps", "1", *extra, steps=2))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == code, (when, err)
+        assert "before training started: nothing was trained" in err[-1] and "Traceback" not in "\n".join(err), when
+        assert not list((tmp_path / "logs" / "quickstart").iterdir()), when  # the next run is not named "-1"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back after the command
+
+
+def test_a_signal_at_the_last_step_or_after_lets_the_run_finish(tmp_path, capsys):
+    for extra, says in (
+        (fault("SignalAtStep", step=3, signum="SIGINT"), "this is the last training step"),
+        (fault("SignalAtHook", hook="on_validation_start", signum="SIGTERM", after_step=3), "training has finished"),
+    ):
+        logs = tmp_path / says.split()[-1]
+        capsys.readouterr()
+        main(args(logs, "--trainer.val_check_interval", "3", *extra, steps=3))  # returns: the run ends normally
+        err = capsys.readouterr().err
+        assert says in err and "saving a checkpoint" not in err, err[-2000:]
+        run = run_dir(logs)
+        assert (run / "adapter").is_dir() and (run / "validation.json").is_file()
+        assert not list(run.rglob("interrupted-*"))
 
 
 def test_sigterm_saves_and_stops_with_143(tmp_path):
@@ -356,8 +415,6 @@ def test_out_of_gpu_memory_gives_advice_not_a_trace(tmp_path, capsys, monkeypatc
 
 
 def test_a_full_disk_keeps_the_earlier_files(tmp_path, tiny, monkeypatch):
-    import safetensors.torch
-
     from fff_lightning.adapters import save_adapters
     from fff_lightning.files import DiskFullError, write_text
     from fff_lightning.loading import build_model
@@ -380,7 +437,7 @@ def test_a_full_disk_keeps_the_earlier_files(tmp_path, tiny, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(Path, "write_bytes", full)  # the weights file, written by Python
     with pytest.raises(DiskFullError):
         save_adapters(model, tmp_path / "adapter", fff)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before

@@ -59,7 +59,7 @@ def test_legend_names_every_kind_of_run():
 
 
 def test_spec_round_trips_through_dicts_checkpoints_and_folders(tiny, tmp_path):
-    from fff_lightning.adapters import save_adapters
+    from fff_lightning.adapters import read_spec, resolve_adapters, save_adapters
     from fff_lightning.loading import build_model
 
     spec = AdapterSpec(FFFConfig(n_sublayers=1, width=8, layers="1-2"), LoRAConfig(r=4))
@@ -67,20 +67,20 @@ def test_spec_round_trips_through_dicts_checkpoints_and_folders(tiny, tmp_path):
     assert AdapterSpec.from_checkpoint({"fff_adapters": spec.to_dict()}) == spec
     model, _, _ = build_model(tiny, spec.fff, spec.lora)
     save_adapters(model, tmp_path, spec.fff, spec.lora)
-    assert AdapterSpec.from_folder(tmp_path) == spec
-    assert AdapterSpec.resolve(None, None, tmp_path) == spec
+    assert read_spec(tmp_path) == spec
+    assert resolve_adapters(None, None, tmp_path) == spec
     with pytest.raises(ConfigError, match="differs from the adapter folder's"):
-        AdapterSpec.resolve(FFFConfig(n_sublayers=2, width=8), None, tmp_path)
+        resolve_adapters(FFFConfig(n_sublayers=2, width=8), None, tmp_path)
     with pytest.raises(ConfigError, match="names no adapters"):
         AdapterSpec.from_checkpoint({})
 
 
 def test_meta_count_equals_the_loaded_model(tiny):
-    from fff_lightning.adapters import count_parameters
+    from fff_lightning.adapters import count_adapters, count_parameters
     from fff_lightning.loading import build_model
 
     spec = AdapterSpec(FFFConfig(n_sublayers=2, width=[8, 4], layers="0,3"), LoRAConfig(r=4, layers="1-2"))
-    budget = spec.count(tiny.shape())
+    budget = count_adapters(spec, tiny.shape())
     model, _, _ = build_model(tiny, spec.fff, spec.lora)
     counts = count_parameters(model)
     assert (budget.fff, budget.lora) == (counts["fff"], counts["lora"])

@@ -91,3 +91,82 @@ def test_report_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path / "half"), "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "has no validation.json" in capsys.readouterr().err
+
+
+def test_one_sweep_per_experiment_and_a_folder_in_use_is_never_renamed(tmp_path, capsys):
+    from fff_lightning.cli import main
+    from fff_lightning.runs import lock_folder
+    from fff_lightning.sweep import Run, load_grid, lock_experiment, run_grid
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(GRID.format(quick=ROOT / "configs" / "quickstart.yaml"))
+    grid = load_grid(grid_file)
+    grid.logs_dir = str(tmp_path / "logs")
+    lock_experiment(grid)  # as a first sweep of the experiment would
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--config", str(grid_file), "--logs_dir", grid.logs_dir])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "another sweep of 'grid' is running" in err[-1], err
+
+    folder = tmp_path / "logs" / "grid" / "busy"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from fff_lightning.runs import lock_folder; lock_folder({str(folder)!r}); "
+         "print('locked', flush=True); import time; time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status = run_grid(grid, [Run("busy", ["--model.lr=1"])], quiet=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status["busy"]["state"] == "failed" and "in use by a run still running" in status["busy"]["error"]
+    assert folder.is_dir() and not list(folder.parent.glob("busy.failed-*"))
+    assert lock_folder(folder) is not None  # its holder is gone: the lock went with it
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the run's process")
+def test_a_killed_sweep_takes_its_run_with_it(tmp_path):
+    import os
+    import signal
+    import time
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.format(quick=ROOT / "configs" / "quickstart.yaml").replace("max_steps: 4", "max_steps: 500"))
+    # Not --quiet: the run writes to the sweep's own output (here /dev/null), not to a pipe that would break with it.
+    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp_path)]
+    sweep_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline, child = time.time() + 120, None
+    while time.time() < deadline and child is None:
+        kids = _children(sweep_proc.pid)
+        child = kids[0] if kids else None
+        time.sleep(0.2)
+    assert child is not None, "the sweep started no run"
+    time.sleep(3)  # the run is under way (reading its config, its data or training)
+    os.kill(sweep_proc.pid, signal.SIGKILL)
+    sweep_proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and Path(f"/proc/{child}").exists():
+        if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break  # exited, waiting to be reaped by init
+        time.sleep(0.2)
+    alive = (
+        Path(f"/proc/{child}/stat").exists()
+        and Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    )
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the run outlived its sweep"

@@ -1,4 +1,4 @@
-from fff_lightning.cli import main
+from fff_lightning.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

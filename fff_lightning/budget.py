@@ -43,7 +43,7 @@ class Match:
 def config_budget(path: str, shape, field: str) -> int:
     """Trainable parameters of the adapters another run config describes, counted on ``shape`` (this run's base
     model): the other side of a comparison, on the same base. An error in it names ``field`` and the config."""
-    from fff_lightning.cli import describe_run
+    from fff_lightning.run_config import describe_run
 
     try:
         from fff_lightning.adapters import count_adapters

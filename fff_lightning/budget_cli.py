@@ -64,7 +64,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> None:
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
     from fff_lightning.budget import match_fff_width, match_lora_rank
-    from fff_lightning.cli import describe_run
+    from fff_lightning.run_config import describe_run
 
     run = describe_run(*args.config, overrides=overrides).model
     spec, base, shape = run.adapters, run.base, run.base_shape()

@@ -11,11 +11,11 @@ import lightning as L
 import torch
 from torchmetrics import SumMetric
 
-from fff_lightning import table
+from fff_lightning import backends, table
 from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_adapters
 from fff_lightning.distributed import HostValue, check_strategy
 from fff_lightning.errors import ConfigError, Diverged
-from fff_lightning.loading import check_before_loading, load_model, resolve_backend
+from fff_lightning.loading import check_before_loading, load_model
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,19 @@ class FFFModule(L.LightningModule):
         )
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self.model = None
-        self.backend = resolve_backend(base.backend)
+        self.backend = backends.get(base.backend)
         self.val_names: list[str] = []
         self._shape = None
-        self._preflown = False
+        self._preflown = None  # the Trainer this run's checks were made for
         self._pending = None  # (step, device flag): the last step's finiteness, read at the next step
         self.skipped_steps = 0
+        # What a run's end reports (the CLI's table and closing lines read them):
+        #: the last validation's per-dataset results (``table.results`` rows), or ``None`` if none ran
+        self.last_results: list[dict] | None = None
+        #: the global step at which ``last_results`` were made
+        self.last_results_step: int | None = None
+        #: the global step this fit started from (> 0 when resumed)
+        self.fit_start_step = 0
 
     #: Set by ``--resume_changes allow``: resume a checkpoint whose adapter settings differ from the run's (an init,
     #: an epsilon); tensors of other names or shapes are refused all the same.
@@ -145,9 +152,10 @@ class FFFModule(L.LightningModule):
         need for ``stage``, then, for ``fit``, each callback's own ``preflight(trainer, module)`` (the budget guard).
         The CLI calls it before anything loads; ``setup`` calls it for runs started from Python (after their data
         is prepared)."""
-        if self._preflown:
+        if self._preflown is trainer:  # the CLI's, before anything loads; setup's for runs started from Python
             return
-        self._preflown = True
+        self._preflown = trainer
+        check_strategy(trainer)  # one device or DDP, before the model loads
         shape = self.base_shape()
         check_before_loading(self.base, self.adapters, shape, self.adapter_path)
         from fff_lightning.adapters import count_adapters
@@ -173,7 +181,7 @@ class FFFModule(L.LightningModule):
         """Write the adapters alone to ``folder`` (safetensors + the adapter config), with ``facts`` about the run."""
         shape = self.base_shape()
         base = {
-            "name_or_path": self.base.name_or_path if self.base.backend != "tiny" else "tiny",
+            "name_or_path": self.backend.model_name(self.base),
             "hidden_size": shape.hidden_size,
             "num_hidden_layers": shape.num_hidden_layers,
             **facts,
@@ -200,6 +208,9 @@ class FFFModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_finite()  # a step that diverged is never saved
         checkpoint["fff_adapters"] = self.adapters.to_dict()
+        # The run's options stand on resume (``fff_adapters`` is checked against them): no hyper-parameters for
+        # LightningCLI to put in their place. (hparams.yaml beside the events keeps them.)
+        checkpoint.pop("hyper_parameters", None)
 
     def check_resume(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of other adapters (unless ``allow_resume_changes`` and every tensor still fits)."""
@@ -217,11 +228,7 @@ class FFFModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------------------------------
     def forward(self, batch: dict):
-        # Padded batches carry an attention mask; packed ones carry position ids that restart at each sample
-        # (transformers derives a block-diagonal mask from them) and the samples' lengths (Unsloth reads those).
-        kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
-        if "packed_seq_lengths" in batch and self.backend == "unsloth":
-            kwargs["packed_seq_lengths"] = batch["packed_seq_lengths"]
+        kwargs = self.backend.forward_kwargs(batch)
         # No KV cache: nothing reads it, and with one transformers ignores the packed-sequence mask.
         return self.model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, **kwargs)
 
@@ -292,8 +299,7 @@ class FFFModule(L.LightningModule):
         self._check_finite()
 
     def setup(self, stage: str) -> None:
-        check_strategy(self.trainer)  # one device or DDP, before the model loads
-        self.preflight(self.trainer, stage)  # a no-op after the CLI's, before the model loads either way
+        self.preflight(self.trainer, stage)  # done already under the CLI; before the model loads either way
         dm = self.trainer.datamodule
         self.val_names = list(getattr(dm, "val_names", []) or [])
         if stage == "fit":

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
@@ -36,7 +37,7 @@ def check_name(field: str, name: str) -> str:
     return name
 
 
-def run_name(adapters: AdapterSpec | None, adapter_path: str | None = None) -> str:
+def run_name_of(adapters: AdapterSpec | None, adapter_path: str | None = None) -> str:
     """The default run name: the adapters' legend, or, when evaluating saved adapters, their run folder's name."""
     if adapter_path:
         return Path(adapter_path).resolve().parent.name or "adapter"
@@ -108,21 +109,27 @@ def in_use(folder: Path) -> bool:
         os.close(fd)
 
 
+def first_free(name: str, take) -> str:
+    """The first of ``name``, ``name-1``, ``name-2``... that ``take(candidate)`` takes in one step (it raises
+    ``FileExistsError`` for a name already taken): how runs, predictions and failed sweep runs are named."""
+    i = 0
+    while True:
+        candidate = name if i == 0 else f"{name}-{i}"
+        try:
+            take(candidate)
+            return candidate
+        except FileExistsError:
+            i += 1
+
+
 def claim(parent: Path, name: str) -> str:
     """Create ``parent/name`` (or ``name-1``, ``name-2``... if taken) in one step, lock it, and return the name taken,
     so two runs started together never share a folder."""
     writable(parent, "logs_dir")
-    candidate, i = name, 0
-    while True:
-        try:
-            (parent / candidate).mkdir()
-        except FileExistsError:
-            i += 1
-            candidate = f"{name}-{i}"
-            continue
-        CLAIMED.append(parent / candidate)
-        lock_folder(parent / candidate)
-        return candidate
+    taken = first_free(name, lambda c: (parent / c).mkdir())
+    CLAIMED.append(parent / taken)
+    lock_folder(parent / taken)
+    return taken
 
 
 def claim_named(parent: Path, name: str, resuming: str | None) -> str:
@@ -207,14 +214,11 @@ def write_predictions(folder: Path, predictions: list[dict]) -> Path:
     from fff_lightning.files import write_text
 
     folder.mkdir(parents=True, exist_ok=True)
-    i = 0
-    while True:
-        out = folder / ("predictions.jsonl" if i == 0 else f"predictions-{i}.jsonl")
-        try:
-            os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # the name is ours from here
-            break
-        except FileExistsError:
-            i += 1
+    # O_EXCL: the name is ours from here, even against a second ``predict`` writing at the same moment
+    name = first_free(
+        "predictions", lambda c: os.close(os.open(folder / f"{c}.jsonl", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    )
+    out = folder / f"{name}.jsonl"
     return write_text(out, "".join(json_line(p) + "\n" for p in predictions))
 
 
@@ -223,3 +227,55 @@ def json_line(obj) -> str:
     ``str.splitlines``, some editors) take for line ends escaped: U+0085, U+2028, U+2029."""
     text = json.dumps(obj, ensure_ascii=False)
     return text.replace("\u0085", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+@dataclass
+class RunFolder:
+    """Where one command's files go, decided once, before any work: the run's name, its folder (claimed and locked
+    for ``fit``), the folder its table or predictions go to, and its TensorBoard logger.
+
+    Build it with :meth:`open`; :func:`release_unused` gives back a claimed folder that a failed run never used.
+    """
+
+    command: str
+    logs_dir: str
+    experiment: str
+    name: str
+    #: Where the run's checkpoints and adapters (``fit``) or its table or predictions (the others) go.
+    path: Path
+
+    @classmethod
+    def open(cls, command: str, *, logs_dir: str, experiment: str, run_name: str | None, adapters: AdapterSpec,
+             adapter_path: str | None = None, ckpt_path: str | None = None, out_dir: str | None = None,
+             first_process: bool = True, shared_name: str | None = None) -> RunFolder:  # fmt: skip
+        """Name the run and, for ``fit`` in the first process, claim its folder atomically (two runs never share
+        one; a ``--run_name``'s existing folder only when resuming); the other processes of a several-process run
+        pass ``shared_name``, the name the first one took. Other commands check, before the work, that their
+        output folder can be written."""
+        check_name("experiment", experiment)
+        if run_name is not None:
+            check_name("run_name", run_name)
+        name = run_name or run_name_of(adapters, None if command == "fit" else adapter_path)
+        if command == "fit":
+            parent = Path(logs_dir) / experiment
+            if not first_process:
+                name = shared_name or name
+            elif run_name is not None:
+                name = claim_named(parent, name, ckpt_path)
+            else:
+                name = claim(parent, name)
+        path = output_dir(command, logs_dir, experiment, name, adapter_path, ckpt_path, out_dir)
+        if command != "fit":  # its results must have somewhere to go: known before the work
+            writable(path, "out_dir")
+        return cls(command, logs_dir, experiment, name, path)
+
+    def logger(self):
+        """The TensorBoard logger writing into this run's folder, as a LightningCLI config value."""
+        from jsonargparse import Namespace
+
+        return Namespace(
+            class_path="lightning.pytorch.loggers.TensorBoardLogger",
+            init_args=Namespace(
+                save_dir=self.logs_dir, name=self.experiment, version=self.name, default_hp_metric=False
+            ),
+        )

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from fff_lightning import backends
+from fff_lightning.backends import BACKENDS, MISTRAL_7B
 from fff_lightning.errors import ConfigError
 
 #: Projections of a Mistral/Llama MLP whose input FFF may transform.
@@ -37,23 +38,11 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 #: The research's LoRA presets: (rank, alpha). ``lora``/``lora2`` come from its step-1 sweeps, ``r24`` is the LoRA
 #: beside FFF in step 2, ``r46`` the LoRA-only baseline of about the same budget.
 LORA_PRESETS: dict[str, tuple[int, float]] = {"lora": (16, 8), "lora2": (32, 16), "r24": (24, 12), "r46": (46, 23)}
-BACKENDS = ("auto", "tiny", "hf", "unsloth")
 #: Stated bounds for sizes the model does not bound itself (each far above any real run's).
 MAX_LAYER_INDEX = 9_999  # no decoder has 10,000 layers; the model's own count is checked once it is known
 MAX_SUBLAYERS = 64  # the research used at most 6
 MAX_SEQ_LENGTH = 1 << 20  # tokens; the model's own positions are checked once its shape is known
 BASE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-MISTRAL_7B = "mistralai/Mistral-7B-v0.1"
-#: Hub ids whose shape is Mistral-7B-v0.1's (``MistralConfig()`` defaults), known offline for budgets.
-KNOWN_7B = {
-    "mistralai/mistral-7b-v0.1",
-    "mistralai/mistral-7b-instruct-v0.1",
-    "mistralai/mistral-7b-instruct-v0.2",
-    "unsloth/mistral-7b",
-    "unsloth/mistral-7b-bnb-4bit",
-    "unsloth/mistral-7b-v0.1-bnb-4bit",
-    "unsloth/mistral-7b-instruct-v0.2-bnb-4bit",
-}
 
 
 def choice(name: str, value, allowed) -> None:
@@ -230,33 +219,7 @@ class BaseModelConfig:
 
     def shape(self):
         """The base model's ``transformers`` config (its shape), without loading or downloading any weight."""
-        from transformers import AutoConfig, MistralConfig
-
-        if self.backend == "tiny":
-            t = self.tiny
-            return MistralConfig(
-                vocab_size=32000,
-                hidden_size=t.hidden_size,
-                intermediate_size=t.intermediate_size,
-                num_hidden_layers=t.num_hidden_layers,
-                num_attention_heads=t.num_attention_heads,
-                num_key_value_heads=t.num_key_value_heads,
-                initializer_range=t.initializer_range,
-                max_position_embeddings=32768,
-                tie_word_embeddings=False,
-            )
-        if Path(self.name_or_path).is_dir():
-            return AutoConfig.from_pretrained(self.name_or_path)
-        if self.name_or_path.lower() in KNOWN_7B:
-            return MistralConfig()  # its defaults are Mistral-7B-v0.1's shape
-        try:
-            return AutoConfig.from_pretrained(self.name_or_path)
-        except Exception as e:  # no network, unknown id, gated repo...
-            raise ConfigError(
-                "model.base.name_or_path",
-                f"cannot read the config of {self.name_or_path!r} ({type(e).__name__}); give a local folder or a "
-                f"known id such as {MISTRAL_7B}",
-            ) from e
+        return backends.shape(self)
 
 
 # -- the adapters ------------------------------------------------------------------------------------------------

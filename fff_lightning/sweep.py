@@ -123,7 +123,7 @@ def _suffix(settings: dict) -> str:
 def expand(grid: Grid) -> list[Run]:
     """Every run of the grid, with its name and ``fit`` overrides, then the baselines asked for."""
     from fff_lightning.adapters import count_adapters
-    from fff_lightning.cli import describe_run
+    from fff_lightning.run_config import describe_run
 
     shared = [_flag(k, v) for k, v in grid.set.items()]
     keys = list(grid.grid)

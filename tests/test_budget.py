@@ -6,7 +6,7 @@ import pytest
 
 from fff_lightning.adapters import count_adapters
 from fff_lightning.budget import count_budget, match_fff_width, match_lora_rank
-from fff_lightning.cli import describe_run
+from fff_lightning.run_config import describe_run
 from fff_lightning.spec import BaseModelConfig, FFFConfig, LoRAConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fff_lightning.cli import describe_run
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.module import FFFModule
+from fff_lightning.run_config import describe_run
 
 ALL = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 GRIDS = [p for p in ALL if any(line.startswith("sweep:") for line in p.read_text().splitlines())]

@@ -12,11 +12,12 @@ import torch
 from helpers import ENV, adapter_weights, losses, quick_args
 from lightning.pytorch.strategies import DDPStrategy
 
-from fff_lightning.cli import main, run_lightning
+from fff_lightning.cli import main
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.data.sources import SourceConfig
 from fff_lightning.distributed import check_strategy_name
 from fff_lightning.errors import ConfigError
+from fff_lightning.lightning_cli import run_lightning
 
 TWO = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
 
@@ -197,8 +198,7 @@ def test_the_shared_stop_flag_waits_only_before_a_validation_or_the_end(tmp_path
     """A signal is acted on a step late (read without waiting for the device), except when a validation or the
     end of training follows the step: then at once, so it never waits for a whole validation or gets lost."""
     import lightning as L
-
-    from callbacks.interrupt import GracefulInterrupt
+    from fff_lightning.callbacks import GracefulInterrupt
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from fff_lightning.backends.tiny import tiny_model_dir
 from fff_lightning.errors import ConfigError
 from fff_lightning.fff import FFFConfig, FFFLinear, FFFSublayer, parse_layers
-from fff_lightning.loading import build_model, tiny_model_dir
+from fff_lightning.loading import build_model
 
 
 def base_logits(tiny, tokens):
@@ -138,8 +139,8 @@ def test_bad_fff_config_names_the_field_and_what_is_allowed(kwargs, field, words
 
 
 def test_layer_beyond_the_model_is_refused_before_loading(tiny, monkeypatch):
-    import fff_lightning.loading as loading
+    import fff_lightning.backends.hf as hf_backend
 
-    monkeypatch.setattr(loading, "_load_hf", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(hf_backend, "load_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(ConfigError, match=r"fff.layers: layer\(s\) \[4, 5\] do not exist: the model has 4 layers"):
         build_model(tiny, FFFConfig(layers="2-5"))

@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers import ENV, QUICK, adapter_weights, losses, quick_args
 
-from fff_lightning.cli import main, run_lightning
+from fff_lightning.cli import main
 from fff_lightning.errors import ConfigError, Diverged
+from fff_lightning.lightning_cli import run_lightning
 
 
 def args(logs, *extra, steps=8, command="fit"):
@@ -204,11 +205,11 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(tmp_path, uninterr
 
 # -- resuming and run folders ------------------------------------------------------------------------------------
 def test_a_resume_with_other_adapters_or_data_is_refused_before_anything_loads(tmp_path, monkeypatch):
-    import fff_lightning.loading as loading
+    import fff_lightning.backends.hf as hf_backend
 
     cli = run_lightning(args(tmp_path, *every(2), steps=2))
     ckpt = next(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt"))
-    monkeypatch.setattr(loading, "_load_hf", lambda *a, **k: pytest.fail("loaded weights before refusing"))
+    monkeypatch.setattr(hf_backend, "load_pretrained", lambda *a, **k: pytest.fail("loaded weights before refusing"))
     for change, says in (
         (["--model.fff.width", "16"], "other adapters"),
         (["--data.batch_size", "4"], "data.batch_size"),

@@ -101,13 +101,14 @@ def _fail(*args, **kwargs):
     ],
 )
 def test_every_check_runs_before_any_weight_or_data(tmp_path, monkeypatch, extra, message):
+    import fff_lightning.backends.hf as hf_backend
+    import fff_lightning.backends.tiny as tiny_backend
     import fff_lightning.data.datamodule as dm
-    import fff_lightning.loading as loading
-    from fff_lightning.cli import run_lightning
+    from fff_lightning.lightning_cli import run_lightning
 
     monkeypatch.setattr(dm, "prepare_source", _fail)  # tokenizing
-    monkeypatch.setattr(loading, "_load_hf", _fail)  # loading weights
-    monkeypatch.setattr(loading, "tiny_model_dir", _fail)
+    monkeypatch.setattr(hf_backend, "load_pretrained", _fail)  # loading weights
+    monkeypatch.setattr(tiny_backend, "tiny_model_dir", _fail)
     args = ["fit", "--config", QUICK, "--logs_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *extra]
     with pytest.raises(ConfigError, match=message):
         run_lightning(args)

@@ -200,7 +200,7 @@ def test_compiled_fff_stack_equals_the_eager_one():
 def test_fused_mlp_feeds_each_projection_its_own_input(tiny, monkeypatch):
     """The fused forward of an FFF-carrying MLP, with a reference LoRA_W in place of Unsloth's GPU kernel, gives
     PEFT's outputs and gradients for FFF on up_proj, on gate_proj and on both."""
-    from fff_lightning.unsloth_mlp import fuse_fff_mlps
+    from fff_lightning.backends.unsloth_mlp import fuse_fff_mlps
 
     class LoRAW(torch.autograd.Function):  # Unsloth's LoRA_W contract: X @ W^T + S * X @ A^T @ B^T
         @staticmethod

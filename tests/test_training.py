@@ -11,7 +11,7 @@ import torch
 from helpers import QUICK, quick_args
 
 from fff_lightning.adapters import is_adapter
-from fff_lightning.cli import run_lightning
+from fff_lightning.lightning_cli import run_lightning
 
 
 def fit_args(logs, *extra, steps=6):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import ENV, QUICK, quick_args
 
-from fff_lightning.cli import main, run_lightning
+from fff_lightning.cli import main
+from fff_lightning.lightning_cli import run_lightning
 
 
 def args(logs, *extra, steps=2, command="fit"):
@@ -182,10 +183,10 @@ def test_adapter_folders_are_checked_against_their_config_before_the_model_is_bu
 
     from safetensors.torch import load_file, save_file
 
-    import fff_lightning.loading as loading
+    import fff_lightning.backends.hf as hf_backend
 
     run, _ = trained
-    monkeypatch.setattr(loading, "_load_hf", lambda *a, **k: pytest.fail("built the model before the check"))
+    monkeypatch.setattr(hf_backend, "load_pretrained", lambda *a, **k: pytest.fail("built the model before the check"))
 
     def copy(name, weights=None, config=None):
         folder = tmp_path / name

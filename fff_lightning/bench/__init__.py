@@ -33,7 +33,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
+from fff_lightning import config_files
+
 FIT_CASES = {
     "c": ("fit, LoRA r16", "step2_lora.yaml", ["--model.lora.preset", "lora"]),
     "d": ("fit, FFF only at LoRA r16's budget", "step2.yaml", ["--model.lora", "null"]),
@@ -137,6 +138,7 @@ def main(argv: list[str]) -> None:
     opts = parser().parse_args(argv)
     import torch
 
+    from fff_lightning.backends import preimport_unsloth
     from fff_lightning.bench.fit import fit_case
     from fff_lightning.bench.loops import (
         bare_loop,
@@ -148,7 +150,6 @@ def main(argv: list[str]) -> None:
         set_bare_checkpointing,
     )
     from fff_lightning.bench.report import environment, report
-    from fff_lightning.loading import preimport_unsloth
 
     opts.cuda = torch.cuda.is_available()
     unsloth = preimport_unsloth() if opts.cuda else False
@@ -183,7 +184,8 @@ def main(argv: list[str]) -> None:
         opts.model_desc = str(opts.model) if opts.model else "random-weight Mistral-7B-v0.1 shape, nf4 (bitsandbytes)"
         opts.base_args = ["--model.base.backend", "auto"]
     else:
-        from fff_lightning.loading import BaseModelConfig, tiny_model_dir
+        from fff_lightning.backends.tiny import tiny_model_dir
+        from fff_lightning.spec import BaseModelConfig
 
         model_dir = tiny_model_dir(BaseModelConfig(backend="tiny"))
         opts.model_desc = "tiny random Mistral (CPU smoke test)"
@@ -274,10 +276,10 @@ def _fff_only_width_args(cuda: bool) -> list[str]:
     from dataclasses import replace
 
     from fff_lightning.budget import count_budget, match_fff_width
-    from fff_lightning.cli import describe_run
+    from fff_lightning.run_config import describe_run
     from fff_lightning.spec import BaseModelConfig, LoRAConfig
 
-    step2 = describe_run(CONFIGS / "step2.yaml").model
+    step2 = describe_run(config_files.path("step2")).model
     base = step2.base if cuda else BaseModelConfig(backend="tiny")
     fff = step2.adapters.fff if cuda else replace(step2.adapters.fff, layers="1-2")
     shape = base.shape()

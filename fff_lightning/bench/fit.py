@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
-CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
+from fff_lightning import config_files
 
 
 def fit_case(
@@ -18,7 +18,7 @@ def fit_case(
     """One real ``fit`` through the CLI (no validation, no logger, no checkpoint files), timed by its
     ThroughputMonitor."""
     from fff_lightning.callbacks.throughput import ThroughputMonitor
-    from fff_lightning.cli import run_lightning
+    from fff_lightning.lightning_cli import run_lightning
 
     callbacks = [
         {"class_path": "fff_lightning.callbacks.ThroughputMonitor", "init_args": {"warmup": opts.warmup}},
@@ -31,7 +31,7 @@ def fit_case(
     args = [
         "fit",
         "--config",
-        str(CONFIGS / config),
+        str(config_files.path(config)),
         *opts.base_args,
         "--model.base.name_or_path",
         model_dir,

@@ -7,6 +7,8 @@ import random
 import statistics
 from pathlib import Path
 
+from fff_lightning.spec import ALL_LINEAR
+
 
 def long_rows(path: Path, n: int, words: int, seed: int = 0) -> Path:
     """A prompt/response jsonl of ``n`` rows of about ``words`` words each (seeded), to fill a sequence."""
@@ -25,8 +27,9 @@ def random_mistral_7b(folder: Path, quantized: bool = True) -> Path:
     also its bitsandbytes nf4 copy in ``folder/nf4`` (loaded in seconds by every case). Built once; speed and
     memory do not depend on the weights' values (losses do: quote none)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MistralConfig
+    from transformers import AutoModelForCausalLM, MistralConfig
 
+    from fff_lightning.backends.hf import nf4_config
     from fff_lightning.tokenizer import load_tokenizer, save_tokenizer
 
     bf16 = folder / "bf16"
@@ -41,14 +44,8 @@ def random_mistral_7b(folder: Path, quantized: bool = True) -> Path:
         return bf16
     nf4 = folder / "nf4"
     if not (nf4 / "config.json").exists():
-        q = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
         model = AutoModelForCausalLM.from_pretrained(
-            bf16, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0}
+            bf16, quantization_config=nf4_config(torch.bfloat16), dtype=torch.bfloat16, device_map={"": 0}
         )
         model.save_pretrained(nf4)
         save_tokenizer(load_tokenizer(None), nf4)
@@ -125,24 +122,17 @@ def bare_loop(model, loader, steps: int, warmup: int, autocast: bool) -> dict:
 
 
 LORA16 = dict(r=16, lora_alpha=8, lora_dropout=0.0, bias="none")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def load_bare_hf(path: str, cuda: bool):
     """transformers + bitsandbytes nf4 (double quantisation) + PEFT LoRA r16 on all linear modules: QLoRA."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import LoraConfig, get_peft_model
 
-    dtype = torch.bfloat16 if cuda else torch.float32
-    q = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=q, dtype=dtype, device_map={"": 0} if cuda else {"": "cpu"}
-    )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=ALL_LINEAR, **LORA16))
+    from fff_lightning.backends.hf import load_pretrained
+
+    model = load_pretrained(path, True, torch.bfloat16 if cuda else torch.float32)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=list(ALL_LINEAR), **LORA16))
     model.config.use_cache = False
     return model
 
@@ -169,5 +159,5 @@ def load_bare_unsloth(path: str, seq: int):
         model_name=path, max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True
     )
     return FastLanguageModel.get_peft_model(
-        model, target_modules=ALL_LINEAR, use_gradient_checkpointing="unsloth", random_state=3407, **LORA16
+        model, target_modules=list(ALL_LINEAR), use_gradient_checkpointing="unsloth", random_state=3407, **LORA16
     )

@@ -24,7 +24,7 @@ from fff_lightning.data.sampling import (
     pack_batches,
 )
 from fff_lightning.data.sources import SourceConfig, research_sources
-from fff_lightning.distributed import check_strategy, processes
+from fff_lightning.distributed import processes
 from fff_lightning.errors import ConfigError
 from fff_lightning.spec import choice
 
@@ -300,8 +300,6 @@ class FFFDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, plan: list[list[int]], skip: int = 0, collate=None) -> DataLoader:
         # The batches are fixed in setup(), so they do not depend on workers or processes.
-        if self.trainer is not None:
-            check_strategy(self.trainer)  # Lightning's DistributedSampler would re-split these batches
         if self.packing and collate is None:
             collate = PackCollator()
         return ResumableLoader(

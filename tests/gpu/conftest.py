@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fff_lightning.loading import preimport_unsloth
+from fff_lightning.backends import preimport_unsloth
 
 preimport_unsloth()  # before anything imports transformers
 sys.path.insert(0, str(Path(__file__).parent))

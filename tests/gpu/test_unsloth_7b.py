@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fff_lightning.adapters import count_parameters
-from fff_lightning.cli import describe_run
 from fff_lightning.loading import BaseModelConfig, build_model
+from fff_lightning.run_config import describe_run
 
 pytestmark = pytest.mark.gpu
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from fff_lightning import backends
 from fff_lightning.errors import ConfigError
 
 DESCRIPTION = """\
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> None:
     budget = count_adapters(spec, shape)
     result: dict = {
         "config": args.config if len(args.config) > 1 else args.config[0],
-        "model": base.name_or_path if base.backend != "tiny" else "tiny",
+        "model": backends.get(base.backend).model_name(base),
         "fff": budget.fff,
         "lora": budget.lora,
         "trainable": budget.trainable,

@@ -26,15 +26,28 @@ ARMED: list[GracefulInterrupt] = []
 
 
 class FFFCLI(RunCLI):
+    # -- the checkpoint: read (never run) and checked first --------------------------------------------------
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then read and check ``--ckpt_path`` before anything else sees it. LightningCLI would next load
+        the checkpoint once more and put its saved options in place of the command line's; here the run's options
+        stand (``before_fit`` refuses a checkpoint that does not match them), so the path is held back from it
+        until :meth:`before_instantiate_classes`."""
+        super().parse_arguments(parser, args)
+        cfg = self.config[self.config.subcommand]
+        self.ckpt_path, self.checkpoint = cfg.get("ckpt_path"), None
+        if self.ckpt_path:
+            self.checkpoint = read_checkpoint(self.ckpt_path)
+            cfg.ckpt_path = None
+
     # -- where the run's files go --------------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
+        if self.ckpt_path:
+            cfg.ckpt_path = self.ckpt_path
         resolve_config_paths(cfg)
         check_strategy_name(cfg.trainer.strategy)  # before the Trainer, the run folder or the model
         adapters = resolve_adapters(cfg.model.fff, cfg.model.lora, cfg.model.adapter_path)
-        self.checkpoint = None
-        if cfg.get("ckpt_path"):  # read (never run) and checked before any folder is claimed
-            self.checkpoint = read_checkpoint(cfg.ckpt_path)
+        if self.checkpoint is not None:  # before any folder is claimed
             check_checkpoint_adapters(self.checkpoint, adapters, cfg.get("resume_changes") == "allow")
         if self.subcommand != "fit" and not (cfg.model.adapter_path or cfg.get("ckpt_path") or cfg.allow_untrained):
             raise ConfigError(

@@ -13,6 +13,7 @@ from torchmetrics import SumMetric
 
 from fff_lightning import backends, table
 from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_adapters
+from fff_lightning.data.formatting import IGNORE
 from fff_lightning.distributed import HostValue, check_strategy
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.loading import check_before_loading, load_model
@@ -208,9 +209,6 @@ class FFFModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_finite()  # a step that diverged is never saved
         checkpoint["fff_adapters"] = self.adapters.to_dict()
-        # The run's options stand on resume (``fff_adapters`` is checked against them): no hyper-parameters for
-        # LightningCLI to put in their place. (hparams.yaml beside the events keeps them.)
-        checkpoint.pop("hyper_parameters", None)
 
     def check_resume(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of other adapters (unless ``allow_resume_changes`` and every tensor still fits)."""
@@ -246,7 +244,7 @@ class FFFModule(L.LightningModule):
         gradient DDP averages is that of the mean over every scored token of the step: the same as one device with
         ``W`` times the batch. One all-reduce of two numbers per step, on the device (no host sync). Returns the
         loss to differentiate and the step's mean loss over all processes (what is logged and checked)."""
-        n = (labels[:, 1:] != -100).sum().float()  # the model's own denominator: labels shifted by one
+        n = (labels[:, 1:] != IGNORE).sum().float()  # the model's own denominator: labels shifted by one
         # A share with no scored token has a 0/0 loss: it adds nothing (zero gradients), as in one big batch.
         loss = torch.where(n > 0, loss.float(), torch.zeros((), device=loss.device))
         stats = torch.stack([n, loss.detach() * n])
@@ -320,7 +318,7 @@ class FFFModule(L.LightningModule):
             )
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
-        n_tokens = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
+        n_tokens = (batch["labels"][:, 1:] != IGNORE).sum()  # the model shifts labels by one
         n_samples = batch.get("num_samples", batch["input_ids"].shape[0])
         loss = self(batch).loss.float()  # mean over the batch's scored tokens
         values = (loss * n_tokens, n_tokens, n_samples, loss * n_samples, (~torch.isfinite(loss)).float())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from fff_lightning import config_files
+from fff_lightning import backends, config_files
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.errors import one_line
 from fff_lightning.module import FFFModule
@@ -25,9 +25,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def tokenizer_for(backend: str, name_or_path: str, tokenizer: str | None) -> str | None:
     """The data module's tokenizer, linked from the model's base config."""
-    if tokenizer:
-        return tokenizer
-    return None if backend == "tiny" else name_or_path
+    if tokenizer or backend not in backends.BACKENDS:  # an unknown backend is refused by the model's config
+        return tokenizer or name_or_path
+    return backends.get(backend).tokenizer_source(name_or_path)
 
 
 def prompt_room(max_seq_length: int, max_new_tokens: int) -> int:
@@ -59,6 +59,10 @@ class RunCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"use_distributed_sampler": False})
         kwargs.setdefault("parser_kwargs", {"prog": PROG, **{c: {"prog": f"{PROG} {c}"} for c in LIGHTNING_COMMANDS}})
         super().__init__(FFFModule, FFFDataModule, args=self.argv, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """The arguments given (always a list here: ``sys.argv`` is read once, in ``__init__``)."""
+        self.config = parser.parse_args(args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--experiment", default="default", help="logs go to <logs_dir>/<experiment>/<run_name>/")

@@ -109,10 +109,11 @@ def in_use(folder: Path) -> bool:
         os.close(fd)
 
 
-def first_free(name: str, take) -> str:
-    """The first of ``name``, ``name-1``, ``name-2``... that ``take(candidate)`` takes in one step (it raises
-    ``FileExistsError`` for a name already taken): how runs, predictions and failed sweep runs are named."""
-    i = 0
+def first_free(name: str, take, bare: bool = True) -> str:
+    """The first of ``name`` (unless not ``bare``), ``name-1``, ``name-2``... that ``take(candidate)`` takes in one
+    step (it raises ``FileExistsError`` for a name already taken): how runs, predictions and failed sweep runs are
+    named."""
+    i = 0 if bare else 1
     while True:
         candidate = name if i == 0 else f"{name}-{i}"
         try:

@@ -178,7 +178,7 @@ class BaseModelConfig:
         compile_fff: run each FFF stack through ``torch.compile`` (fewer, fused kernels; compiles once, in
             seconds, on the first step); ``None``: on CUDA GPUs only.
         fuse_fff_mlp: on the unsloth backend with LoRA, run the MLPs that carry FFF with Unsloth's fused LoRA
-            matmuls (:mod:`fff_lightning.unsloth_mlp`) instead of PEFT's modules: measured the same speed and
+            matmuls (:mod:`fff_lightning.backends.unsloth_mlp`) instead of PEFT's modules: measured the same speed and
             0.2 GiB less memory on step 2; off until its gradients are checked against PEFT's on a GPU.
         tokenizer: tokenizer hub id or folder; default: the model's own (``tiny``: Mistral-7B's).
         tiny: sizes of the ``tiny`` model.

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fff_lightning import config_files
 from fff_lightning.errors import ConfigError
 
 ADAPTER_KEYS = ("model.fff", "model.lora")
@@ -71,7 +72,7 @@ class Run:
 def load_grid(path: str | Path) -> Grid:
     import yaml
 
-    path = Path(path)
+    path = config_files.path(path)  # a file, or a shipped grid by name (step1_i)
     if not path.is_file():
         raise ConfigError("sweep", f"no such file: {path}")
     try:
@@ -222,16 +223,15 @@ def _command(grid: Grid, run: Run, subcommand: str) -> list[str]:
 def _set_aside(folder: Path) -> str | None:
     """Keep an unfinished run's folder, renamed, so the rerun starts clean and nothing is lost; a folder a live
     process is using (a ``fit`` started by hand under the same name) is left alone: returns why not."""
-    from fff_lightning.runs import holder, in_use
+    from fff_lightning.runs import first_free, holder, in_use
 
     if not folder.exists():
         return None
     if in_use(folder):
         return f"{folder} is in use by a run still running ({holder(folder)}); not touched"
-    i = 1
-    while folder.with_name(f"{folder.name}.failed-{i}").exists():
-        i += 1
-    folder.rename(folder.with_name(f"{folder.name}.failed-{i}"))
+    # first_free takes a name by creating it empty (no two sweeps take the same one); the rename replaces it
+    kept = first_free(f"{folder.name}.failed", lambda c: folder.with_name(c).mkdir(), bare=False)
+    folder.rename(folder.with_name(kept))
     return None
 
 

@@ -22,15 +22,14 @@ def quick_args(logs, *extra, steps: int, command: str = "fit") -> list[str]:
 
 def losses(run: Path) -> dict[int, float]:
     """The run's ``train/loss`` per step, from its TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return scalars(run, "train/loss")
 
-    out = {}
-    for f in sorted(Path(run).glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f))
-        acc.Reload()
-        if "train/loss" in acc.Tags()["scalars"]:
-            out.update({s.step: s.value for s in acc.Scalars("train/loss")})
-    return out
+
+def scalars(run: Path, tag: str) -> dict[int, float]:
+    """One scalar series of a run, read as ``report`` reads it."""
+    from fff_lightning.report import read_curves
+
+    return dict(read_curves(Path(run)).get(tag, []))
 
 
 def adapter_weights(folder: Path) -> dict:

@@ -61,7 +61,8 @@ def test_step2_budget_guard_checks_against_the_lora_config_it_names():
     config's 8%; a tighter tolerance stops the run before anything loads."""
     from types import SimpleNamespace
 
-    from callbacks import ParameterBudget
+    from fff_lightning.callbacks import ParameterBudget
+
     from fff_lightning.errors import ConfigError
 
     cli = describe_run(CONFIGS / "step2.yaml")
@@ -78,7 +79,8 @@ def test_budget_target_and_the_guard_count_the_other_config_on_this_runs_base(ca
     """`budget --target <config>` and the guard agree: the other config's adapters on this run's base model."""
     import json
 
-    from callbacks import ParameterBudget
+    from fff_lightning.callbacks import ParameterBudget
+
     from fff_lightning.budget_cli import main as budget_main
 
     tiny = ["--model.base.backend", "tiny", "--model.fff.layers", "1-2"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, quick_args
+from helpers import QUICK, quick_args, scalars
 
 from fff_lightning.adapters import is_adapter
 from fff_lightning.lightning_cli import run_lightning
@@ -16,18 +16,6 @@ from fff_lightning.lightning_cli import run_lightning
 
 def fit_args(logs, *extra, steps=6):
     return quick_args(logs, *extra, steps=steps)
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for f in sorted(run_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({s.step: s.value for s in acc.Scalars(tag)})
-    return values
 
 
 def only_run(logs: Path) -> Path:

@@ -67,6 +67,10 @@ class Backend:
                 f"as {MISTRAL_7B}",
             ) from e
 
+    def tokenizer_source(self, name_or_path: str) -> str | None:
+        """Where the data's tokenizer comes from when the config names none (``None``: the offline Mistral one)."""
+        return name_or_path
+
     def model_name(self, base) -> str:
         """The base model as an adapter folder records it."""
         return base.name_or_path

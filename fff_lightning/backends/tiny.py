@@ -60,6 +60,9 @@ class Tiny(HF):
     def shape(self, base):
         return tiny_shape(base.tiny)
 
+    def tokenizer_source(self, name_or_path: str) -> str | None:
+        return None
+
     def model_name(self, base) -> str:
         return "tiny"
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from fff_lightning.data.formatting import IGNORE
+
 #: Label of a position that is not scored (PyTorch's cross-entropy ``ignore_index``).
-IGNORE = -100
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

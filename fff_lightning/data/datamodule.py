@@ -19,6 +19,7 @@ from fff_lightning.data.sampling import (
     SHUFFLES,
     PlannedBatchSampler,
     ResumableLoader,
+    chunks,
     group_by_length,
     mix_order,
     pack_batches,
@@ -266,7 +267,7 @@ class FFFDataModule(L.LightningDataModule):
             steps = len(plan) // world if world > 1 else len(plan)
             return [plan[k * world + rank] for k in range(steps)]
         n, size = len(self.train_set), self.batch_size * world
-        batches = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        batches = chunks(n, size)
         if batches and (len(batches[-1]) < world or (self.drop_last and len(batches[-1]) < size)):
             batches.pop()
         return [_split(b, world)[rank] for b in batches]
@@ -281,8 +282,7 @@ class FFFDataModule(L.LightningDataModule):
             if self.packing:
                 plan = pack_batches(ds.lengths(), self.tokens_per_batch, None)
             else:
-                size = self.val_batch_size
-                plan = [list(range(i, min(i + size, len(ds)))) for i in range(0, len(ds), size)]
+                plan = chunks(len(ds), self.val_batch_size)
             plans.append([b for k, b in enumerate(plan) if (dealt + k) % world == rank])
             dealt += len(plan)
         validating = getattr(self.trainer, "limit_val_batches", 1) != 0 if self.trainer is not None else True
@@ -315,8 +315,7 @@ class FFFDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.train_batches, skip=skip)
 
     def predict_dataloader(self) -> DataLoader:
-        n, size = len(self.predict_set), self.val_batch_size
-        plan = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        plan = chunks(len(self.predict_set), self.val_batch_size)
         return self._loader(self.predict_set, plan, collate=LeftPadCollator(self.tokenizer.pad_token_id))
 
     def train_batches_per_epoch(self) -> int:

@@ -22,6 +22,9 @@ from collections.abc import Callable
 
 from fff_lightning.errors import ConfigError
 
+#: The label of a token that is not scored (PyTorch's cross-entropy ``ignore_index``).
+IGNORE = -100
+
 Turn = tuple[str, str]
 Sample = list[Turn]
 
@@ -154,7 +157,7 @@ def tokenize_sample(
         # A token is an answer token when its characters overlap an assistant span (SentencePiece's "▁Tom"
         # starts on the space before the answer); EOS is learned too.
         labels = [
-            tok if any(start < b and stop > a for a, b in spans) else -100
+            tok if any(start < b and stop > a for a, b in spans) else IGNORE
             for tok, (start, stop) in zip(ids, offsets, strict=True)
         ] + end
     ids = ids + end

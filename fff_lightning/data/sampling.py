@@ -12,6 +12,11 @@ from torch.utils.data import DataLoader, Sampler
 SHUFFLES = ("fff_lightning", "datasets")
 
 
+def chunks(n: int, size: int) -> list[list[int]]:
+    """Batches of ``size`` consecutive indices of ``range(n)`` (the last one shorter): the padded batch plan."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
 def mix_order(
     lengths: list[int], repeats: list[int], seed: int, shuffle: str = "fff_lightning"
 ) -> list[tuple[int, int]]:

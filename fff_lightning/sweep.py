@@ -67,6 +67,9 @@ class Run:
     overrides: list[str]
     baseline_of: str | None = None
     trainable: int | None = None  # counted on the meta device; None when the run's adapters do not fit the model
+    #: why the run cannot train, known before it starts (its adapters do not fit the model): recorded as failed
+    #: without starting a process
+    error: str | None = None
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -134,11 +137,12 @@ def expand(grid: Grid) -> list[Run]:
         overrides = shared + [_flag(k, v) for k, v in settings.items()]
         module = describe_run(*grid.configs, overrides=overrides).model
         name = module.adapters.legend() + _suffix(settings)
+        trainable = error = None
         try:
             trainable = count_adapters(module.adapters, module.base_shape()).trainable
-        except ConfigError:  # e.g. a layer the model does not have: the run will fail and be recorded
-            trainable = None
-        runs.append(Run(name, overrides, trainable=trainable))
+        except ConfigError as e:  # e.g. a layer the model does not have: recorded as failed, not started
+            error = f"error: {e}"
+        runs.append(Run(name, overrides, trainable=trainable, error=error))
         if grid.baselines == "lora_rank" and module.adapters.fff is not None:
             runs.append(_baseline(module, settings, shared, name, trainable))
     unique: dict[str, Run] = {}
@@ -154,7 +158,7 @@ def _baseline(module, settings: dict, shared: list[str], of: str, target: int | 
     from fff_lightning.budget import match_lora_rank
 
     if target is None:  # the run itself is bad; it will fail and be recorded
-        return Run(f"{of}-baseline", [], baseline_of=f"{of}, whose adapters do not fit the model")
+        return Run(f"{of}-baseline", [], baseline_of=of, error=f"no budget to match: {of}'s adapters do not fit the model")
     match = match_lora_rank(module.base_shape(), target, module.adapters.lora)
     r = match.value
     lora = {"r": r, **({} if module.adapters.lora is None else {"alpha": None, "preset": None})}
@@ -294,8 +298,8 @@ def run_grid(grid: Grid, runs: list[Run], quiet: bool = False) -> dict:
         print(f"[sweep] run {i} of {len(todo)}: {run.name}{left}", flush=True)
         t0 = time.perf_counter()
         entry = {"overrides": run.overrides, "baseline_of": run.baseline_of}
-        if not run.overrides and run.baseline_of:  # a baseline whose FFF run cannot be counted
-            entry.update(state="failed", error=f"no budget to match: {run.baseline_of}")
+        if run.error:  # known before it starts: the run's adapters do not fit the model
+            entry.update(state="failed", step="check", error=run.error)
         elif busy := _set_aside(folder):
             entry.update(state="failed", step="fit", error=busy)
         else:
@@ -343,7 +347,7 @@ def main(argv: list[str]) -> None:
     runs = expand(grid)
     if args.dry_run:
         for r in runs:
-            budget = f"{r.trainable:,} trainable" if r.trainable is not None else "does not fit the model"
+            budget = f"{r.trainable:,} trainable" if r.error is None else f"will not run: {r.error}"
             print(f"{r.name}   {budget}{f'   (baseline of {r.baseline_of})' if r.baseline_of else ''}")
         return
     status = run_grid(grid, runs, quiet=args.quiet)

@@ -10,7 +10,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist each worker gets one thread (the workers share the cores); alone, two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
@@ -34,3 +35,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One trained quickstart run (2 steps, a checkpoint at step 2, a one-batch validation), shared by the tests
+    that only read its outputs or damage copies of them: ``.run`` (its folder), ``.ckpt``, ``.module``."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from helpers import quick_args
+
+    from fff_lightning.lightning_cli import run_lightning
+
+    logs = tmp_path_factory.mktemp("trained")
+    ckpt = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=2"]
+    extra = ["--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", *ckpt]
+    cli = run_lightning(quick_args(logs, *extra, steps=2))
+    run = Path(cli.trainer.log_dir)
+    return SimpleNamespace(run=run, ckpt=next((run / "checkpoints").glob("*.ckpt")), module=cli.model)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -48,6 +50,7 @@ def test_budget_json_for_the_lora_baseline():
     assert json.loads(out.stdout)["trainable"] == 120_586_240
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_with_one_clear_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  base: {backend: tiny}\n  fff: {n_sublayers: 2, width: [8, 8, 8]}\n")
@@ -85,6 +88,7 @@ def test_budget_takes_several_configs_and_overrides_like_fit():
     assert smoke.returncode == 0 and json.loads(smoke.stdout)["trainable"] == 129_146_880, smoke.stderr
 
 
+@pytest.mark.slow
 def test_callbacks_import_from_the_installed_package(tmp_path):
     # From another folder, so the import cannot come from the source tree's top-level callbacks/.
     code = "import fff_lightning.callbacks as c, pathlib; print(pathlib.Path(c.__file__).parent.name)"

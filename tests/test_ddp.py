@@ -146,6 +146,7 @@ def test_a_refused_strategy_is_one_line_before_anything_is_made(tmp_path, capsys
 
 
 # -- two real processes --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_train_and_validate_like_one_with_twice_the_batch(one, two):
     logs, out = two
     (run,) = run_folders(logs)  # one folder: only the first process claims and writes
@@ -162,6 +163,7 @@ def test_two_processes_train_and_validate_like_one_with_twice_the_batch(one, two
     assert "2 processes" in out.stdout and "tokens/s of all of them" in out.stdout
 
 
+@pytest.mark.slow
 def test_validate_on_two_processes_equals_one(one, tmp_path):
     cli = run_lightning(args(tmp_path, "--model.adapter_path", str(one / "adapter"), command="validate"))
     single = [{k: r[k] for k in ("dataset", "rows", "tokens", "loss")} for r in cli.model.last_results]
@@ -171,6 +173,7 @@ def test_validate_on_two_processes_equals_one(one, tmp_path):
     assert_same_table(table(one), single)  # the two-process validate wrote the run's table last
 
 
+@pytest.mark.slow
 def test_an_interrupted_two_process_run_resumes_exactly(two, tmp_path):
     # Only the first process gets the signal (a `kill` of the launching process): both stop at the same step, the
     # one after the signal's (the flag is shared a step late, so no process waits for its device).

@@ -72,6 +72,7 @@ def test_skip_mode_drops_the_bad_step_counts_it_and_finishes(tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.slow
 def test_a_validation_loss_that_is_not_finite_is_shown_not_dropped(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -120,6 +121,7 @@ def resume_command(stderr: str) -> list[str]:
     return [sys.executable, *cmd[1:]]
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_the_adapters_and_the_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
     # Interrupted at step 3 (SIGINT), resumed with the printed command, interrupted again at step 6 (SIGTERM), resumed
     # again with the new printed command: the same as never interrupted.
@@ -171,6 +173,7 @@ def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path, c
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back after the command
 
 
+@pytest.mark.slow
 def test_a_signal_at_the_last_step_or_after_lets_the_run_finish(tmp_path, capsys):
     for extra, says in (
         (fault("SignalAtStep", step=3, signum="SIGINT"), "this is the last training step"),
@@ -186,12 +189,14 @@ def test_a_signal_at_the_last_step_or_after_lets_the_run_finish(tmp_path, capsys
         assert not list(run.rglob("interrupted-*"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_with_143(tmp_path):
     out = subprocess_fit(tmp_path, *fault("SignalAtStep", step=3, signum="SIGTERM"), steps=6)
     assert out.returncode == 143, out.stderr[-2000:]
     assert (run_dir(tmp_path) / "checkpoints" / "interrupted-step=3.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_kill_9_loses_only_the_work_since_the_last_checkpoint(tmp_path, uninterrupted):
     out = subprocess_fit(tmp_path, *every(2), *fault("SignalAtStep", step=6, signum="SIGKILL"))
     assert out.returncode == -signal.SIGKILL
@@ -204,6 +209,7 @@ def test_kill_9_loses_only_the_work_since_the_last_checkpoint(tmp_path, uninterr
 
 
 # -- resuming and run folders ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_resume_with_other_adapters_or_data_is_refused_before_anything_loads(tmp_path, monkeypatch):
     import fff_lightning.backends.hf as hf_backend
 
@@ -223,6 +229,7 @@ def test_a_resume_with_other_adapters_or_data_is_refused_before_anything_loads(t
     )
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_never_share_a_folder(tmp_path):
     cmd = [sys.executable, "-m", "fff_lightning", *args(tmp_path, steps=2)]
     named = [*cmd, "--run_name", "same"]
@@ -248,6 +255,7 @@ def test_a_run_without_a_logger_still_writes_into_its_own_folder(tmp_path, monke
     assert {"adapter", "checkpoints", "config.yaml"} <= {p.name for p in run.iterdir()}
 
 
+@pytest.mark.slow
 def test_a_fit_stopped_after_its_last_validation_says_the_table_is_of_earlier_adapters(tmp_path, capsys):
     main(args(tmp_path, "--trainer.val_check_interval", "4", steps=6))
     out = capsys.readouterr().out

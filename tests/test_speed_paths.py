@@ -177,6 +177,7 @@ def test_tokens_per_batch_must_fit_a_sample(tmp_path):
         data(tmp_path, packing=True, tokens_per_batch=64)
 
 
+@pytest.mark.slow
 def test_compiled_fff_stack_equals_the_eager_one():
     torch.manual_seed(0)
     cfg = FFFConfig(n_sublayers=2, width=[8, 4], activation=["gelu_new", "silu"], init="normal")
@@ -261,6 +262,7 @@ def test_deterministic_seed_leaves_cublas_alone_unless_asked(monkeypatch):
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
+@pytest.mark.slow
 def test_bench_smoke_runs_every_code_path_on_cpu(tmp_path):
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "fff_lightning", "bench", "--batch", "2", "--checkpointing", "on", "--steps", "3"]

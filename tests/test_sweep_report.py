@@ -31,7 +31,8 @@ def sweep(grid: Path, logs: Path):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=grid.parent, timeout=900)
 
 
-def test_a_2x2_sweep_runs_records_failures_skips_finished_runs_and_reports(tmp_path):
+@pytest.mark.slow
+def test_a_2x2_sweep_runs_records_failures_skips_finished_runs_and_reports(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID.format(quick=ROOT / "configs" / "quickstart.yaml"))
     logs = tmp_path / "logs"
@@ -54,9 +55,9 @@ def test_a_2x2_sweep_runs_records_failures_skips_finished_runs_and_reports(tmp_p
 
     out = tmp_path / "report"
     runs = [str(logs / "grid" / n) for n in done]
-    cmd = [sys.executable, "-m", "fff_lightning", "report", *runs, "--out", str(out), "--reference", "research"]
-    rep = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert rep.returncode == 0, rep.stderr
+    from fff_lightning.cli import main
+
+    main(["report", *runs, "--out", str(out), "--reference", "research"])  # in this process: no exit, no error
     md = (out / "validation.md").read_text()
     assert "| dataset | " + " | ".join(done) + " | research LoRA (published) | research FFF (published) |" in md
     assert "| ultrachat | " in md and "1.0230 | 1.0490 |" in md
@@ -93,6 +94,7 @@ def test_report_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
     assert e.value.code == 2 and "has no validation.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_one_sweep_per_experiment_and_a_folder_in_use_is_never_renamed(tmp_path, capsys):
     from fff_lightning.cli import main
     from fff_lightning.runs import lock_folder
@@ -138,6 +140,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the run's process")
 def test_a_killed_sweep_takes_its_run_with_it(tmp_path):
     import os

@@ -24,6 +24,7 @@ def only_run(logs: Path) -> Path:
     return runs[0]
 
 
+@pytest.mark.slow
 def test_fit_then_validate_end_to_end_through_the_real_cli(tmp_path):
     logs = tmp_path / "logs"
     cmd = [sys.executable, "-m", "fff_lightning", *fit_args(logs, "--trainer.val_check_interval", "6")]
@@ -70,6 +71,7 @@ def test_fit_then_validate_end_to_end_through_the_real_cli(tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # validate writes nothing into the working folder
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_identical_losses(tmp_path):
     a = scalars(only_run_of(run_lightning(fit_args(tmp_path / "a", steps=5))), "train/loss")
     b = scalars(only_run_of(run_lightning(fit_args(tmp_path / "b", steps=5))), "train/loss")
@@ -82,6 +84,7 @@ def only_run_of(cli) -> Path:
     return Path(cli.trainer.log_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, packing):
     every4 = [
@@ -102,34 +105,33 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path, packing):
     assert torch.equal(fff(full), fff(resumed))
 
 
-def test_checkpoint_holds_no_frozen_weight(tmp_path):
-    cli = run_lightning(fit_args(tmp_path, steps=2))
-    ckpt = torch.load(next(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt")), weights_only=False)
+def test_checkpoint_holds_no_frozen_weight(trained_run):
+    ckpt = torch.load(trained_run.ckpt, weights_only=True)
     keys = set(ckpt["state_dict"])
-    trainable = {f"model.{n}" for n, p in cli.model.model.named_parameters() if p.requires_grad}
+    trainable = {f"model.{n}" for n, p in trained_run.module.model.named_parameters() if p.requires_grad}
     assert keys == trainable and all(is_adapter(k) for k in keys)
     assert sum(t.numel() for t in ckpt["state_dict"].values()) == 57_600
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"] and ckpt["loops"]
 
 
-def test_checkpoint_of_other_adapters_is_refused(tmp_path):
+def test_checkpoint_of_other_adapters_is_refused(trained_run):
     from fff_lightning.errors import ConfigError
     from fff_lightning.fff import FFFConfig
     from fff_lightning.module import FFFModule
 
-    cli = run_lightning(fit_args(tmp_path, steps=1))
-    ckpt = torch.load(next(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt")), weights_only=False)
-    run = cli.model.adapters
-    other = FFFModule(base=cli.model.base, fff=FFFConfig(n_sublayers=2, width=16, layers="1-2"), lora=run.lora)
+    ckpt = torch.load(trained_run.ckpt, weights_only=True)
+    run = trained_run.module.adapters
+    other = FFFModule(base=trained_run.module.base, fff=FFFConfig(n_sublayers=2, width=16, layers="1-2"), lora=run.lora)
     with pytest.raises(ConfigError, match="the checkpoint holds other adapters"):
         other.on_load_checkpoint(ckpt)
     other.allow_resume_changes = True  # "I mean it" does not make tensors of another shape fit
     with pytest.raises(ConfigError, match="checkpoint does not match the configured adapters"):
         other.on_load_checkpoint(ckpt)
-    same = FFFModule(base=cli.model.base, fff=run.fff, lora=run.lora)
+    same = FFFModule(base=trained_run.module.base, fff=run.fff, lora=run.lora)
     same.on_load_checkpoint(ckpt)  # no error
 
 
+@pytest.mark.slow
 def test_off_budget_run_stops_before_training(tmp_path):
     overlay = tmp_path / "guard.yaml"
     overlay.write_text(
@@ -148,18 +150,20 @@ def test_off_budget_run_stops_before_training(tmp_path):
     assert cli.trainer.global_step == 1
 
 
-def test_predict_answers_prompts_from_a_file(tmp_path):
-    cli = run_lightning(fit_args(tmp_path / "logs", steps=2))
+def test_predict_answers_prompts_from_a_file(tmp_path, trained_run):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 2 + 2?"}\n{"prompt": "Write a function that adds two numbers."}\n')
-    adapter = Path(cli.trainer.log_dir) / "adapter"
+    adapter = trained_run.run / "adapter"
     args = ["predict", "--config", QUICK, "--model.adapter_path", str(adapter), "--data.predict_file", str(prompts)]
-    run_lightning([*args, "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false"])
-    preds = [json.loads(x) for x in (adapter.parent / "predictions.jsonl").read_text().splitlines()]
+    run_lightning(
+        [*args, "--model.max_new_tokens", "8", "--trainer.enable_progress_bar", "false", "--out_dir", str(tmp_path)]
+    )
+    preds = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [p["prompt"] for p in preds] == ["What is 2 + 2?", "Write a function that adds two numbers."]
     assert all(isinstance(p["answer"], str) for p in preds)
 
 
+@pytest.mark.slow
 def test_help_needs_no_model(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fff_lightning", "fit", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--model.fff" in out.stdout and "--data.paths" in out.stdout

@@ -36,14 +36,10 @@ def no_run_folder(logs: Path) -> bool:
     return not folder.exists() or not [p for p in folder.iterdir() if p.is_dir()]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture
+def trained(trained_run):
     """A 2-step run with a checkpoint and an adapter folder, for the tests to damage copies of."""
-    logs = tmp_path_factory.mktemp("trained")
-    ckpt = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=2"]
-    cli = run_lightning(args(logs, "--trainer.val_check_interval", "2", *ckpt))
-    run = Path(cli.trainer.log_dir)
-    return run, next((run / "checkpoints").glob("*.ckpt"))
+    return trained_run.run, trained_run.ckpt
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
@@ -125,6 +121,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sizes_are_checked_before_anything_is_allocated(tmp_path):
     rows = tmp_path / "mm.jsonl"
     rows.write_text("".join(json.dumps({"query": f"q{i}", "response": "r"}) + "\n" for i in range(40)))
@@ -229,6 +226,7 @@ def test_adapter_folders_are_checked_against_their_config_before_the_model_is_bu
 
 
 # -- predict -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_predict_reads_json_and_unicode_lines_cuts_long_prompts_and_writes_where_asked(tmp_path, trained, capsys):
     run, _ = trained
     adapter = ["--model.adapter_path", str(run / "adapter"), "--model.max_new_tokens", "4"]
@@ -297,6 +295,7 @@ def test_a_full_disk_at_start_and_an_unusable_cache_are_one_line_before_the_work
 
 
 # -- resuming with new limits ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_checkpoint_of_an_epochs_end_resumes_into_the_next_epoch_exactly(tmp_path):
     from helpers import adapter_weights, losses
 

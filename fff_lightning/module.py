@@ -93,6 +93,12 @@ class FFFModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         if not lr > 0:
             raise ConfigError("model.lr", f"must be > 0; got {lr!r}")
+        if isinstance(weight_decay, bool) or not 0 <= weight_decay < float("inf"):
+            raise ConfigError("model.weight_decay", f"must be a finite number >= 0; got {weight_decay!r}")
+        if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+            raise ConfigError("model.betas", f"must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(betas)!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError("model.max_new_tokens", f"must be an int >= 1; got {max_new_tokens!r}")
         if warmup_steps < 0:
             raise ConfigError("model.warmup_steps", f"must be >= 0; got {warmup_steps!r}")
         self.optim = dict(name=optimizer, lr=lr, weight_decay=weight_decay, betas=tuple(betas))

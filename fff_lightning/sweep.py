@@ -158,7 +158,9 @@ def _baseline(module, settings: dict, shared: list[str], of: str, target: int | 
     from fff_lightning.budget import match_lora_rank
 
     if target is None:  # the run itself is bad; it will fail and be recorded
-        return Run(f"{of}-baseline", [], baseline_of=of, error=f"no budget to match: {of}'s adapters do not fit the model")
+        return Run(
+            f"{of}-baseline", [], baseline_of=of, error=f"no budget to match: {of}'s adapters do not fit the model"
+        )
     match = match_lora_rank(module.base_shape(), target, module.adapters.lora)
     r = match.value
     lora = {"r": r, **({} if module.adapters.lora is None else {"alpha": None, "preset": None})}

@@ -350,3 +350,21 @@ def test_report_refuses_tables_that_are_not_tables_and_warns_of_cut_event_files(
     err = capsys.readouterr().err
     assert "is cut short at byte" in err and "left out sweep.json (a file), cut.failed-1 (a failed run" in err, err
     assert "nan (NOT FINITE)" in (tmp_path / "out" / "validation.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (["--data.val_batch_size", "0"], "data.val_batch_size"),
+        (["--data.packing", "true", "--data.tokens_per_batch", "0"], "data.tokens_per_batch"),
+        (["--model.betas", "[0.9, 1.5]"], "model.betas"),
+        (["--model.weight_decay", "-1"], "model.weight_decay"),
+        (["--model.max_new_tokens", "0"], "model.max_new_tokens"),
+    ],
+)
+def test_numeric_options_out_of_range_are_one_line_before_anything_loads(tmp_path, capsys, extra, field):
+    # A 0 never silently means "the default", and an optimizer setting torch would refuse after the model and the
+    # data were loaded is refused first.
+    line = refused(args(tmp_path, *extra), capsys)
+    assert line.startswith(f"error: {field}: "), line
+    assert no_run_folder(tmp_path)

@@ -127,7 +127,7 @@ class FFFDataModule(L.LightningDataModule):
         choice("data.text_style", text_style, TEXT_STYLES)
         choice("data.loss_on", loss_on, LOSS_ON)
         for name, v, bound in (("max_seq_length", max_seq_length, MAX_TOKENS), ("batch_size", batch_size, MAX_BATCH),
-                               ("val_batch_size", val_batch_size or 1, MAX_BATCH)):  # fmt: skip
+                               ("val_batch_size", 1 if val_batch_size is None else val_batch_size, MAX_BATCH)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= bound:
                 raise ConfigError(f"data.{name}", f"must be an int from 1 to {bound:,}; got {v!r}")
         for name, v in (("num_workers", num_workers), ("num_proc", num_proc or 0)):
@@ -158,7 +158,7 @@ class FFFDataModule(L.LightningDataModule):
         self.seed = seed
         self.group = group_by_length
         self.packing = packing
-        self.tokens_per_batch = tokens_per_batch or batch_size * max_seq_length
+        self.tokens_per_batch = batch_size * max_seq_length if tokens_per_batch is None else tokens_per_batch
         if not isinstance(self.tokens_per_batch, int) or not max_seq_length <= self.tokens_per_batch <= MAX_TOKENS:
             raise ConfigError(
                 "data.tokens_per_batch",

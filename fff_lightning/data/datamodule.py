@@ -126,8 +126,9 @@ class FFFDataModule(L.LightningDataModule):
         super().__init__()
         choice("data.text_style", text_style, TEXT_STYLES)
         choice("data.loss_on", loss_on, LOSS_ON)
+        val_size = 1 if val_batch_size is None else val_batch_size  # None: batch_size; 0 is refused
         for name, v, bound in (("max_seq_length", max_seq_length, MAX_TOKENS), ("batch_size", batch_size, MAX_BATCH),
-                               ("val_batch_size", 1 if val_batch_size is None else val_batch_size, MAX_BATCH)):  # fmt: skip
+                               ("val_batch_size", val_size, MAX_BATCH)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= bound:
                 raise ConfigError(f"data.{name}", f"must be an int from 1 to {bound:,}; got {v!r}")
         for name, v in (("num_workers", num_workers), ("num_proc", num_proc or 0)):

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torchmetrics import SumMetric
 
-from fff_lightning import backends, table
+from fff_lightning import backends, memory, table
 from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_adapters
 from fff_lightning.data.formatting import IGNORE
 from fff_lightning.distributed import HostValue, check_strategy
@@ -163,6 +163,7 @@ class FFFModule(L.LightningModule):
             return
         self._preflown = trainer
         check_strategy(trainer)  # one device or DDP, before the model loads
+        memory.resolve(self.base.max_memory_gib, trainer.strategy.root_device)  # a cap the device cannot give
         shape = self.base_shape()
         check_before_loading(self.base, self.adapters, shape, self.adapter_path)
         from fff_lightning.adapters import count_adapters
@@ -304,6 +305,9 @@ class FFFModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.preflight(self.trainer, stage)  # done already under the CLI; before the model loads either way
+        # Each process on its own device (the strategy has set it by now), before any weight loads.
+        device = self.trainer.strategy.root_device
+        memory.apply(memory.resolve(self.base.max_memory_gib, device), device)
         dm = self.trainer.datamodule
         self.val_names = list(getattr(dm, "val_names", []) or [])
         if stage == "fit":

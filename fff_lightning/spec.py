@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
-from fff_lightning import backends
+from fff_lightning import backends, memory
 from fff_lightning.backends import BACKENDS, MISTRAL_7B
 from fff_lightning.errors import ConfigError
 
@@ -181,6 +182,9 @@ class BaseModelConfig:
             matmuls (:mod:`fff_lightning.backends.unsloth_mlp`) instead of PEFT's modules: measured the same speed and
             0.2 GiB less memory on step 2; off until its gradients are checked against PEFT's on a GPU.
         tokenizer: tokenizer hub id or folder; default: the model's own (``tiny``: Mistral-7B's).
+        max_memory_gib: GPU memory this run may use, in GiB: a number caps each process's CUDA allocator (share a
+            GPU, or rehearse a smaller card: an N GB card is about N - 0.5), ``auto`` is the device's free memory
+            less 0.5 GiB, ``None`` (the default) no cap (:mod:`fff_lightning.memory`).
         tiny: sizes of the ``tiny`` model.
     """
 
@@ -194,6 +198,7 @@ class BaseModelConfig:
     compile_fff: bool | None = None
     fuse_fff_mlp: bool = False
     tokenizer: str | None = None
+    max_memory_gib: float | Literal["auto"] | None = None
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
     def __post_init__(self) -> None:
@@ -204,6 +209,7 @@ class BaseModelConfig:
         positive_int("model.base.max_seq_length", self.max_seq_length)
         if self.max_seq_length > MAX_SEQ_LENGTH:
             raise ConfigError("model.base.max_seq_length", f"{self.max_seq_length:,} is more than {MAX_SEQ_LENGTH:,}")
+        memory.check_value(self.max_memory_gib)
         k = self.checkpoint_layers
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ConfigError("model.base.checkpoint_layers", f"must be an int >= 0 or null (all layers); got {k!r}")

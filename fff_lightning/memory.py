@@ -1,0 +1,64 @@
+"""The GPU memory a run may use: ``model.base.max_memory_gib``.
+
+A number caps this process's CUDA allocator at that many GiB (``torch.cuda.set_per_process_memory_fraction``), so
+a run can share a GPU or rehearse a smaller card (an N GB card leaves about N - 0.5 GiB after the CUDA context);
+``auto`` is what the device has free now, less :data:`MARGIN_GIB`; ``None`` leaves the allocator alone. The cap is
+checked against the device and applied in each process, on its own device, before any weight loads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fff_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+#: What ``auto`` leaves free for other processes and the allocator's own slack.
+MARGIN_GIB = 0.5
+
+
+def check_value(value) -> None:
+    """Refuse, from the config alone, a limit that is not ``None``, ``auto`` or a finite number > 0."""
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ConfigError(
+            "model.base.max_memory_gib", f"must be a number of GiB > 0, auto or null (no cap); got {value!r}"
+        )
+
+
+def resolve(value, device) -> float | None:
+    """The cap in GiB for ``device`` (a ``torch.device``), or ``None`` (no cap: the value is ``None``, or ``auto``
+    where there is no GPU). A number larger than the device is refused in one line."""
+    check_value(value)
+    if value is None or getattr(device, "type", None) != "cuda":
+        if value not in (None, "auto"):
+            raise ConfigError("model.base.max_memory_gib", f"caps GPU memory, and this run is on {device}: leave "
+                              "it out (or auto) on a CPU")  # fmt: skip
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    if value == "auto":
+        cap = free / GIB - MARGIN_GIB
+        if cap <= 0:
+            raise ConfigError("model.base.max_memory_gib", f"auto: only {free / GIB:.2f} GiB free on {device}")
+        return cap
+    if value > total / GIB:
+        raise ConfigError(
+            "model.base.max_memory_gib", f"{value:g} GiB is more than {device} has ({total / GIB:.1f} GiB)"
+        )
+    return float(value)
+
+
+def apply(cap_gib: float | None, device) -> None:
+    """Cap this process's allocator on ``device`` at ``cap_gib`` (``None``: nothing to do)."""
+    if cap_gib is None:
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
+    log.info("memory limit: %.2f GiB of %s's %.1f GiB (this process's allocator is capped)", cap_gib, device,
+             total / GIB)  # fmt: skip

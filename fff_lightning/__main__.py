@@ -1,4 +1,4 @@
-from fff_lightning.cli import run
+from fff_lightning.cli import main
 
 if __name__ == "__main__":
-    run()
+    main()

@@ -8,7 +8,6 @@ command imports this module. ``fit``, ``validate``, ``test`` and ``predict`` are
 from __future__ import annotations
 
 import importlib
-import signal
 import sys
 from typing import NamedTuple
 
@@ -32,7 +31,7 @@ COMMANDS: dict[str, Command] = {
         "per-dataset loss table:       validate --config <run.yaml> --model.adapter_path <run>/adapter",
         True,
         True,
-    ),  # fmt: skip
+    ),
     "test": Command(_LIGHTNING, "like validate, on the test loaders", True, True),
     "predict": Command(
         _LIGHTNING,
@@ -40,26 +39,26 @@ COMMANDS: dict[str, Command] = {
         "<dir> --data.predict_file prompts.jsonl",
         True,
         True,
-    ),  # fmt: skip
+    ),
     "budget": Command(
         "fff_lightning.budget_cli", "trainable parameters of a run config, and --match for a fair comparison"
-    ),  # fmt: skip
+    ),
     "sweep": Command(
         "fff_lightning.sweep",
         "a grid of runs (fit + validate each), with budget-matched LoRA baselines:  sweep --config <grid.yaml>",
-    ),  # fmt: skip
+    ),
     "report": Command(
         "fff_lightning.report",
         "table, loss curves and bar graph of runs:  report <run folders...> --out <folder> [--reference research]",
-    ),  # fmt: skip
+    ),
     "bench": Command(
         "fff_lightning.bench",
         "tokens/s and peak memory of fit against bare Unsloth/PEFT loops (GPU; a smoke test on CPU)",
         True,
-    ),  # fmt: skip
+    ),
     "configs": Command(
         "fff_lightning.config_files", "the shipped run configs (--config <name>), --copy <folder> to edit them"
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -86,14 +85,6 @@ def dispatch(argv: list[str]) -> None:
     importlib.import_module(command.module).main([name, *rest] if command.whole_argv else rest)
 
 
-def run() -> None:
-    """The console entry point: the command, then no signal handler of ours is left to a process that is exiting."""
-    try:
-        main()
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during interpreter shutdown prints nothing
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -109,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     except RecursionError:
         _fail("error: an input is nested too deeply to read (a JSON or YAML value thousands of levels deep)", 2)
     except MemoryError:
-        _fail("error: out of memory (the machine's RAM): lower the sizes of the run (data.batch_size, "
-              "data.max_seq_length, the adapters) or free memory", 1)  # fmt: skip
+        _fail(
+            "error: out of memory (the machine's RAM): lower the sizes of the run (data.batch_size, "
+            "data.max_seq_length, the adapters) or free memory",
+            1,
+        )
     except OSError as e:
         import errno
 
@@ -120,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"error: {e}", 1, release=False)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" while writing {e.filename}" if e.filename else ""
-            _fail(f"error: no space left on the device{where}: free some space, or write to another disk "
-                  "(--logs_dir, FFF_CACHE)", 1)  # fmt: skip
+            _fail(
+                f"error: no space left on the device{where}: free some space, or write to another disk "
+                "(--logs_dir, FFF_CACHE)",
+                1,
+            )
         if isinstance(e, PermissionError) and e.filename:
             _fail(f"error: cannot write {e.filename} ({e.strerror}): choose a folder you can write to", 2)
         _release_and_raise()

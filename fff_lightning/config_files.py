@@ -7,12 +7,13 @@ configs`` lists them, ``configs --copy <folder>`` copies them out to edit.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from importlib import resources
 from pathlib import Path
 
-from fff_lightning.errors import ConfigError, command_parser
+from fff_lightning.errors import ConfigError
 
 PACKAGE = "fff_lightning.configs"
 
@@ -58,7 +59,7 @@ def resolve_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    parser = command_parser("configs", "the run configs shipped with fff_lightning")
+    parser = argparse.ArgumentParser(prog="python -m fff_lightning configs", description=__doc__)
     parser.add_argument("--copy", metavar="FOLDER", help="copy them into FOLDER (existing files are not overwritten)")
     args = parser.parse_args(argv)
     if args.copy is None:

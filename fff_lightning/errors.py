@@ -67,17 +67,3 @@ class Interrupted(BaseException):
         super().__init__(message)
         self.exit_code = 128 + signum if signum else 0  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         self.release = release
-
-
-def command_parser(command: str, description: str):
-    """An ``argparse`` parser for ``python -m fff_lightning <command>`` whose errors are one line and exit 2,
-    as the Lightning commands' are."""
-    import argparse
-    import sys
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            print(f"error: {message} (`{self.prog} --help` lists options)", file=sys.stderr)
-            sys.exit(2)
-
-    return Parser(prog=f"python -m fff_lightning {command}", description=description)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fff_lightning.backends.memory_plan import FFF_CHUNKS
 from fff_lightning.errors import ConfigError
 from fff_lightning.spec import FFF_PREFIX, FFF_TARGETS, INNER, FFFConfig, parse_layers
 
@@ -127,15 +128,28 @@ class FFFLinear(nn.Module):
         self.fff_blocks.to(device=device, dtype=dtype)
         self.eps = eps
         self.compiled = False
+        self.recompute = False
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """``x_N``: the input the wrapped projection sees, in ``x``'s dtype."""
+        """``x_N``: the input the wrapped projection sees, in ``x``'s dtype.
+
+        With ``recompute`` (the memory plan's "FFF stacks recomputed"), a step that builds gradients keeps only the
+        stack's input: backward recomputes the stack in :data:`FFF_CHUNKS` chunks of tokens, one at a time, so it
+        holds a chunk's activations, not the stack's. Every token's computation is the same either way.
+        """
         blocks = self.fff_blocks
         run = compiled_fff_stack() if self.compiled else fff_stack
-        h = run(
-            x.to(blocks[0].norm.weight.dtype), [b.weights() for b in blocks], tuple(b.act for b in blocks), self.eps
-        )
-        return h.to(x.dtype)
+        weights, acts, dtype = [b.weights() for b in blocks], tuple(b.act for b in blocks), blocks[0].norm.weight.dtype
+
+        def stack(part: torch.Tensor) -> torch.Tensor:
+            return run(part.to(dtype), weights, acts, self.eps).to(x.dtype)
+
+        if not (self.recompute and torch.is_grad_enabled()):
+            return stack(x)
+        from torch.utils.checkpoint import checkpoint
+
+        parts = x.chunk(FFF_CHUNKS, dim=-2)  # (..., tokens, d): chunks of tokens
+        return torch.cat([checkpoint(stack, p, use_reentrant=False) for p in parts], dim=-2)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.base_proj(self.transform(x), *args, **kwargs)

@@ -93,7 +93,7 @@ def load_model(base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str |
     compiled = torch.cuda.is_available() if base.compile_fff is None else base.compile_fff
     for m in model.modules():
         if isinstance(m, FFFLinear):
-            m.compiled = compiled
+            m.compiled, m.recompute = compiled, base.recompute_fff
     backend.after_adapters(model, base, adapters, wrapped)
     if base.gradient_checkpointing:
         backend.arm_checkpointing(model, adapters)

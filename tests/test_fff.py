@@ -144,3 +144,28 @@ def test_layer_beyond_the_model_is_refused_before_loading(tiny, monkeypatch):
     monkeypatch.setattr(hf_backend, "load_pretrained", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(ConfigError, match=r"fff.layers: layer\(s\) \[4, 5\] do not exist: the model has 4 layers"):
         build_model(tiny, FFFConfig(layers="2-5"))
+
+
+@pytest.mark.parametrize("tokens", [7, 13])  # chunks of unequal sizes
+def test_recomputed_stack_gives_the_same_output_and_gradients(tokens):
+    """The memory plan's "FFF stacks recomputed": only the stack's input is kept for backward, the stack is rebuilt
+    in token chunks; outputs and every gradient equal the plain stack's."""
+    torch.manual_seed(0)
+    cfg = FFFConfig(n_sublayers=3, width=8, activation="gelu_new", init="normal")
+    wrapper = FFFLinear(nn.Linear(16, 24, bias=False), 16, cfg, eps=1e-6)
+    x = torch.randn(2, tokens, 16, requires_grad=True)
+    runs = []
+    for recompute in (False, True):
+        wrapper.recompute = recompute
+        wrapper.zero_grad()
+        x.grad = None
+        out = wrapper(x)
+        (out.square().sum()).backward()
+        runs.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in wrapper.fff_blocks.parameters()]))
+    (o1, g1, p1), (o2, g2, p2) = runs
+    torch.testing.assert_close(o2, o1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(p2, p1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradients to build: the plain stack, nothing recomputed
+        torch.testing.assert_close(wrapper(x), o1, rtol=1e-5, atol=1e-6)

@@ -140,6 +140,16 @@ def preimport_unsloth() -> bool:
 
     if not torch.cuda.is_available():
         return False
+    unsloth_environment()
     import unsloth  # noqa: F401
 
     return True
+
+
+def unsloth_environment() -> None:
+    """Settings Unsloth reads when it is imported, unless the environment has them: its chunked cross-entropy holds
+    at most ``LOSS_CHUNK_GIB`` of logits (Unsloth sizes chunks from the device's free memory, up to 2 GiB, and a
+    capped allocator's limit is not what it sees), as the memory plan assumes."""
+    from fff_lightning.backends.memory_plan import LOSS_CHUNK_GIB
+
+    os.environ.setdefault("UNSLOTH_LOGPROB_CHUNK_GB", str(LOSS_CHUNK_GIB))

@@ -36,6 +36,9 @@ class Unsloth(Backend):
             raise ConfigError("model.base.backend", "unsloth is not installed: pip install 'fff_lightning[gpu]'")
 
     def load(self, base, dtype):
+        from fff_lightning.backends import unsloth_environment
+
+        unsloth_environment()
         import unsloth  # noqa: F401  (first, so it can patch transformers/peft)
         from unsloth import FastLanguageModel
 
@@ -45,6 +48,7 @@ class Unsloth(Backend):
             dtype=dtype,
             load_in_4bit=base.load_in_4bit,
             **device_map(),
+            **({"offload_embedding": True} if base.offload_embedding else {}),
         )
         if base.tokenizer:
             tokenizer = load_tokenizer(base.tokenizer)

@@ -59,12 +59,17 @@ def fit_case(
         opts.logs,
         *extra,
     ]
+    import torch
+
+    if torch.cuda.is_available():  # a cap is per process: an earlier case's must not limit this one
+        torch.cuda.set_per_process_memory_fraction(1.0)
     cli = run_lightning(args)
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMonitor))
     phases = next(c for c in cli.trainer.callbacks if isinstance(c, Phases))
     from fff_lightning.adapters import count_parameters
 
     trainable = count_parameters(cli.model.model)["trainable"]
+    plan = getattr(cli.model, "memory_plan", None)
     del cli
     timed = monitor.records[opts.warmup : opts.steps]
     return {
@@ -74,7 +79,11 @@ def fit_case(
         "peak_gib": monitor.summary["peak_mem_gib"],
         "trainable": trainable,
         "steps": len(timed),
-        "extra": phases.report(),
+        "extra": {
+            **phases.report(),
+            "plan": plan.describe() if plan is not None else None,
+            "predicted_gib": round(plan.peak_gib, 3) if plan is not None else None,
+        },
     }
 
 
@@ -87,7 +96,11 @@ class Phases(L.Callback):
         self.losses = []
 
     def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
         self.t["train_start"] = time.perf_counter()
+        if torch.cuda.is_available():  # the weights and adapters, before any step
+            self.resident_gib = torch.cuda.memory_allocated() / 2**30
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
@@ -104,6 +117,7 @@ class Phases(L.Callback):
             "setup_s": t.get("train_start", t["start"]) - t["start"],
             "first_step_s": t.get("first_step_done", t["start"]) - t.get("train_start", t["start"]),
             "first_losses": [round(float(x), 5) for x in self.losses],
+            "resident_gib": round(getattr(self, "resident_gib", float("nan")), 3),
         }
 
 

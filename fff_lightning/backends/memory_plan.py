@@ -1,0 +1,209 @@
+"""The memory plan: how a run trades time for GPU memory to fit the memory it may use.
+
+From the model's shape, the adapters, the tokens of the largest step, the precision and the optimizer, it
+predicts the peak of each plan -- no checkpointing; the first ``k`` decoder layers checkpointed; all of them;
+each of those with the FFF stacks recomputed in backward (in token chunks) -- and takes the fastest plan whose
+peak fits the cap with a margin. It runs before any weight loads and needs no torch.
+
+The model of the peak (bytes), per step of ``T`` tokens, fitted to GPU measurements (docs/benchmarks.md, "The
+memory plan"):
+
+* fixed: the quantised weights and the embeddings as the shape gives them, the trainable parameters with their
+  gradients and optimizer states, and ``fixed_gib`` (CUDA workspaces, Unsloth's buffers);
+* a decoder layer that keeps its activations: ``act`` bf16 vectors of ``hidden + intermediate`` per token; an FFF
+  stack on it ``fff`` vectors of ``hidden`` per sub-layer per token, in the FFF dtype (a recomputed stack keeps
+  only its input);
+* a checkpointed layer keeps nothing on the GPU when Unsloth offloads its input to CPU memory (its LoRA path),
+  else its input (one bf16 vector of ``hidden`` per token); in backward it rebuilds its activations;
+* backward's working set on top of the layer it runs through: ``work`` bf16 vectors of ``hidden + intermediate``;
+* the loss: Unsloth's chunked cross-entropy holds ``loss`` times one chunk of fp32 logits (at most
+  ``LOSS_CHUNK_GIB``).
+
+The peak is the larger of the end of the forward pass (everything kept + the loss) and the worst moment of the
+backward walk from the last layer down (what the layers below keep + the working set of the layer it is in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 1 << 30
+#: The GiB of fp32 logits one chunk of Unsloth's chunked cross-entropy may hold (``UNSLOTH_LOGPROB_CHUNK_GB``,
+#: which fff_lightning sets to this unless the environment does; Unsloth's own default is up to 2).
+LOSS_CHUNK_GIB = 0.25
+#: FFF stacks recomputed in backward run in this many token chunks, so backward holds one chunk's activations.
+FFF_CHUNKS = 4
+#: A plan fits when its predicted peak x (1 + FRAGMENTATION) + HEADROOM_GIB is within the cap.
+FRAGMENTATION = 0.03
+HEADROOM_GIB = 0.15
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 0}  # paged: in CPU-backed memory
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants of the model above, fitted to measurements on one backend (see the module's docstring)."""
+
+    fixed_gib: float
+    act: float
+    fff: float
+    work: float
+    loss: float
+    offloaded: bool  # Unsloth's LoRA path offloads checkpointed layers' inputs to CPU memory
+    #: Relative step time: each checkpointed layer adds ``slow_layer``, each recomputed FFF stack ``slow_fff``.
+    slow_layer: float = 0.0166
+    slow_fff: float = 0.004
+    source: str = ""
+
+
+#: Unsloth on an H200 (random-weight Mistral-7B in nf4, 3 x 2048): docs/benchmarks.md, "The memory plan".
+UNSLOTH = Calibration(fixed_gib=0.25, act=2.85, fff=2.4, work=1.3, loss=2.0, offloaded=True,
+                      source="Unsloth, H200, Mistral-7B nf4 (docs/benchmarks.md)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the planner needs to know about a run, read from its config and the model's shape."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    weight_bytes: int  # the base model's weights as loaded (4-bit or not)
+    trainable: int
+    optimizer: str
+    fff_layers: frozenset = frozenset()
+    fff_sublayers: int = 0
+    fff_dtype_bytes: int = 4
+    lora: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to run: ``checkpointed`` first layers recompute (0: checkpointing off), FFF stacks recomputed."""
+
+    checkpointed: int
+    recompute_fff: bool
+    peak_gib: float
+    time: float  # relative to no checkpointing, no recomputation
+    layers: int = 0
+    offloaded: bool = False
+    fits: bool = field(default=True, compare=False)
+
+    def describe(self) -> str:
+        if self.checkpointed == 0:
+            what = "no checkpointing"
+        elif self.checkpointed == self.layers:
+            what = f"all {self.layers} layers checkpointed"
+        else:
+            what = f"first {self.checkpointed} of {self.layers} layers checkpointed"
+        if self.checkpointed and self.offloaded:
+            what += ", their inputs offloaded to CPU"
+        if self.recompute_fff:
+            what += ", FFF stacks recomputed"
+        return what
+
+    def needs_gib(self) -> float:
+        """The smallest cap this plan fits."""
+        return self.peak_gib * (1 + FRAGMENTATION) + HEADROOM_GIB
+
+
+class NoPlanFits(Exception):
+    """No plan fits the cap; ``smallest`` is the plan that needs the least."""
+
+    def __init__(self, cap_gib: float, smallest: Plan):
+        self.cap_gib, self.smallest = cap_gib, smallest
+        super().__init__(f"nothing fits {cap_gib:.2f} GiB; the smallest plan needs {smallest.needs_gib():.2f}")
+
+
+def weight_bytes(shape, load_in_4bit: bool) -> int:
+    """The base model's weights on the GPU: decoder linears in nf4 with double quantisation (0.5 byte a weight and
+    one byte of scale per 64), or bf16; embeddings, the LM head and norms in bf16."""
+    h, i, n = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    heads = shape.num_attention_heads
+    head_dim = getattr(shape, "head_dim", None) or h // heads
+    kv = getattr(shape, "num_key_value_heads", None) or heads
+    linear = n * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * i)
+    embed = shape.vocab_size * h * (1 if getattr(shape, "tie_word_embeddings", False) else 2)
+    norms = n * 2 * h + h
+    per = 0.5 + 1 / 64 if load_in_4bit else 2
+    return int(linear * per + 2 * (embed + norms))
+
+
+def peak_bytes(layout: Layout, tokens: int, k: int, recompute_fff: bool, cal: Calibration) -> float:
+    """The predicted peak of a step of ``tokens`` tokens with the first ``k`` layers checkpointed."""
+    L = layout
+    vec = 2 * (L.hidden + L.intermediate) * tokens  # one bf16 vector of hidden + intermediate per token
+    act = cal.act * vec
+    fff_full = cal.fff * L.fff_sublayers * L.hidden * L.fff_dtype_bytes * tokens
+    fff_in = 2 * L.hidden * tokens  # a recomputed stack keeps its input
+    ckpt_in = 0.0 if cal.offloaded and L.lora else 2 * L.hidden * tokens
+    fixed = (
+        L.weight_bytes
+        + L.trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[L.optimizer])
+        + cal.fixed_gib * GIB
+    )
+    chunk_rows = max(1, int(LOSS_CHUNK_GIB * GIB / (4 * L.vocab)))
+    loss = cal.loss * 4 * L.vocab * min(tokens, chunk_rows)
+
+    kept, work = [], []
+    for j in range(L.layers):
+        fff = j in L.fff_layers
+        if j < k:  # checkpointed: keeps its input (unless offloaded), rebuilds everything in backward
+            kept.append(ckpt_in)
+            rebuilt = act + (fff_full / FFF_CHUNKS if recompute_fff else fff_full) * fff
+            work.append(ckpt_in + rebuilt + cal.work * vec)
+        else:
+            keep = act + ((fff_in if recompute_fff else fff_full) if fff else 0.0)
+            kept.append(keep)
+            work.append(keep + cal.work * vec + (fff_full / FFF_CHUNKS if recompute_fff and fff else 0.0))
+    end_of_forward = sum(kept) + loss
+    below, backward = sum(kept), 0.0
+    for j in reversed(range(L.layers)):
+        below -= kept[j]
+        backward = max(backward, below + work[j])
+    return fixed + max(end_of_forward, backward)
+
+
+def plans(layout: Layout, tokens: int, cal: Calibration = UNSLOTH) -> list[Plan]:
+    """Every plan, fastest first (ties: the one that checkpoints less)."""
+    out = []
+    options = (False, True) if layout.fff_layers else (False,)
+    for recompute in options:
+        for k in range(layout.layers + 1):
+            time = 1 + cal.slow_layer * k + (cal.slow_fff * len(layout.fff_layers) if recompute else 0.0)
+            peak = peak_bytes(layout, tokens, k, recompute, cal) / GIB
+            out.append(Plan(k, recompute, peak, time, layout.layers, cal.offloaded and layout.lora))
+    return sorted(out, key=lambda p: (p.time, p.checkpointed, p.recompute_fff))
+
+
+def choose(layout: Layout, tokens: int, cap_gib: float, cal: Calibration = UNSLOTH) -> Plan:
+    """The fastest plan that fits ``cap_gib``; :class:`NoPlanFits` when none does."""
+    every = plans(layout, tokens, cal)
+    for plan in every:
+        if plan.needs_gib() <= cap_gib:
+            return plan
+    raise NoPlanFits(cap_gib, min(every, key=lambda p: p.peak_gib))
+
+
+def layout_of(shape, adapters, trainable: int, optimizer: str, load_in_4bit: bool) -> Layout:
+    """The :class:`Layout` of a run: ``adapters`` is an :class:`~fff_lightning.spec.AdapterSpec`."""
+    from fff_lightning.spec import parse_layers
+
+    fff = adapters.fff
+    fff_layers = frozenset()
+    if fff is not None:
+        fff_layers = frozenset(parse_layers(fff.layers, shape.num_hidden_layers, "model.fff.layers"))
+    return Layout(
+        layers=shape.num_hidden_layers,
+        hidden=shape.hidden_size,
+        intermediate=shape.intermediate_size,
+        vocab=shape.vocab_size,
+        weight_bytes=weight_bytes(shape, load_in_4bit),
+        trainable=trainable,
+        optimizer=optimizer,
+        fff_layers=fff_layers,
+        fff_sublayers=fff.n_sublayers * len(fff.targets) if fff is not None else 0,  # stacks per layer
+        fff_dtype_bytes=DTYPE_BYTES.get(fff.dtype, 4) if fff is not None else 4,
+        lora=adapters.lora is not None,
+    )

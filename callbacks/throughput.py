@@ -159,3 +159,10 @@ class ThroughputMonitor(L.Callback):
                 f"peak memory {s['peak_mem_gib']:.2f} GiB ({s['memory']}"
                 + (f", process 0 of {trainer.world_size}; tokens/s of all of them)" if trainer.world_size > 1 else ")")
             )
+        plan = getattr(pl_module, "memory_plan", None)
+        if plan is not None:
+            measured = self.summary["peak_mem_gib"]
+            self.summary.update(memory_plan=plan.describe(), predicted_peak_gib=plan.peak_gib)
+            if trainer.is_global_zero:
+                print(f"memory plan: {plan.describe()}; predicted peak {plan.peak_gib:.2f} GiB, measured "
+                      f"{measured:.2f} GiB ({measured / plan.peak_gib - 1:+.1%})")  # fmt: skip

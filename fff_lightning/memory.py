@@ -62,3 +62,55 @@ def apply(cap_gib: float | None, device) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
     log.info("memory limit: %.2f GiB of %s's %.1f GiB (this process's allocator is capped)", cap_gib, device,
              total / GIB)  # fmt: skip
+
+
+def largest_step_tokens(datamodule) -> int | None:
+    """Tokens of the largest training step of a prepared data module (padded: rows x the longest; packed: the
+    row's tokens), or ``None`` before its data is prepared."""
+    batches, rows = getattr(datamodule, "train_batches", None), getattr(datamodule, "train_set", None)
+    if not batches or rows is None:
+        return None
+    lengths = rows.lengths()  # already truncated to max_seq_length
+    if getattr(datamodule, "packing", False):
+        return max(sum(lengths[i] for i in b) for b in batches)
+    return max(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def worst_step_tokens(datamodule) -> int:
+    """Tokens of the largest step the data config allows (before any data is read)."""
+    if getattr(datamodule, "packing", False):
+        return datamodule.tokens_per_batch
+    return datamodule.batch_size * datamodule.opts.max_seq_length
+
+
+def plan(base, adapters, shape, trainable: int, optimizer: str, tokens: int, cap_gib: float, backend: str):
+    """The memory plan for a run whose cap is ``cap_gib`` (:mod:`fff_lightning.backends.memory_plan`); ``None``
+    where the planner has no calibration (only the ``unsloth`` backend has one). Nothing fits: one line that says
+    what would."""
+    from fff_lightning.backends import memory_plan as mp
+
+    if backend != "unsloth":
+        return None
+    layout = mp.layout_of(shape, adapters, trainable, optimizer, base.load_in_4bit)
+    try:
+        return mp.choose(layout, tokens, cap_gib)
+    except mp.NoPlanFits as e:
+        raise ConfigError(
+            "model.base.max_memory_gib",
+            f"no memory plan fits {cap_gib:.2f} GiB with steps of {tokens:,} tokens: the smallest "
+            f"({e.smallest.describe()}) needs {e.smallest.needs_gib():.2f} GiB; lower data.batch_size, "
+            "model.base.max_seq_length or (packing) data.tokens_per_batch, or give more memory",
+        ) from None
+
+
+def planned_base(base, chosen):
+    """``base`` with the plan's checkpointing and FFF recomputation."""
+    from dataclasses import replace
+
+    k = chosen.checkpointed
+    return replace(
+        base,
+        gradient_checkpointing=k > 0,
+        checkpoint_layers=None if k in (0, chosen.layers) else k,
+        recompute_fff=chosen.recompute_fff,
+    )

@@ -132,6 +132,7 @@ class FFFModule(L.LightningModule):
         self.val_names: list[str] = []
         self._shape = None
         self._preflown = None  # the Trainer this run's checks were made for
+        self.memory_plan = None  # the memory plan setup chose (model.base.max_memory_gib), if any
         self._pending = None  # (step, device flag): the last step's finiteness, read at the next step
         self.skipped_steps = 0
         # What a run's end reports (the CLI's table and closing lines read them):
@@ -175,6 +176,27 @@ class FFFModule(L.LightningModule):
         for callback in trainer.callbacks:
             if hasattr(callback, "preflight"):
                 callback.preflight(trainer, self)
+
+    def _plan_memory(self, cap: float, dm) -> None:
+        """Choose the memory plan for ``cap`` GiB from the largest step of the prepared data, before any weight
+        loads, and run with it (its checkpointing replaces the config's)."""
+        from fff_lightning.adapters import count_adapters
+
+        shape = self.base_shape()
+        tokens = memory.largest_step_tokens(dm) if dm is not None else None
+        tokens = tokens or (memory.worst_step_tokens(dm) if dm is not None else self.base.max_seq_length)
+        trainable = count_adapters(self.adapters, shape).trainable
+        chosen = memory.plan(self.base, self.adapters, shape, trainable, self.optim["name"], tokens, cap,
+                             backends.resolve(self.base.backend))  # fmt: skip
+        if chosen is None:
+            log.warning("memory plan: %.2f GiB -> none (the planner is calibrated for the unsloth backend only); "
+                        "checkpointing as configured", cap)  # fmt: skip
+            return
+        self.memory_plan = chosen
+        self.base = memory.planned_base(self.base, chosen)
+        if self.trainer.is_global_zero:
+            print(f"memory plan: {cap:.2f} GiB -> {chosen.describe()}, predicted peak {chosen.peak_gib:.2f} GiB "
+                  f"(steps of up to {tokens:,} tokens)", flush=True)  # fmt: skip
 
     def checkpoint_bytes(self) -> int:
         """About how large a checkpoint of this run is: the adapters and their optimizer states (the adapters are
@@ -307,8 +329,11 @@ class FFFModule(L.LightningModule):
         self.preflight(self.trainer, stage)  # done already under the CLI; before the model loads either way
         # Each process on its own device (the strategy has set it by now), before any weight loads.
         device = self.trainer.strategy.root_device
-        memory.apply(memory.resolve(self.base.max_memory_gib, device), device)
+        cap = memory.resolve(self.base.max_memory_gib, device)
         dm = self.trainer.datamodule
+        if stage == "fit" and cap is not None:
+            self._plan_memory(cap, dm)
+        memory.apply(cap, device)
         self.val_names = list(getattr(dm, "val_names", []) or [])
         if stage == "fit":
             check_val_interval(self.trainer, len(getattr(dm, "train_batches", []) or []))

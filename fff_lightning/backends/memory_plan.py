@@ -48,16 +48,19 @@ class Calibration:
     act: float
     fff: float
     work: float
+    rebuild: float
+    rebuild_lora: float
     loss: float
     offloaded: bool  # Unsloth's LoRA path offloads checkpointed layers' inputs to CPU memory
     #: Relative step time: each checkpointed layer adds ``slow_layer``, each recomputed FFF stack ``slow_fff``.
-    slow_layer: float = 0.0166
-    slow_fff: float = 0.004
+    slow_layer: float = 0.0125
+    slow_fff: float = 0.002
     source: str = ""
 
 
 #: Unsloth on an H200 (random-weight Mistral-7B in nf4, 3 x 2048): docs/benchmarks.md, "The memory plan".
-UNSLOTH = Calibration(fixed_gib=0.25, act=2.85, fff=2.4, work=1.3, loss=2.0, offloaded=True,
+UNSLOTH = Calibration(fixed_gib=0.33, act=3.36, fff=1.72, work=0.0, rebuild=1.15, rebuild_lora=4.87, loss=2.35,
+                      offloaded=True, slow_layer=0.0125, slow_fff=0.002,
                       source="Unsloth, H200, Mistral-7B nf4 (docs/benchmarks.md)")  # fmt: skip
 
 
@@ -151,8 +154,8 @@ def peak_bytes(layout: Layout, tokens: int, k: int, recompute_fff: bool, cal: Ca
         fff = j in L.fff_layers
         if j < k:  # checkpointed: keeps its input (unless offloaded), rebuilds everything in backward
             kept.append(ckpt_in)
-            rebuilt = act + (fff_full / FFF_CHUNKS if recompute_fff else fff_full) * fff
-            work.append(ckpt_in + rebuilt + cal.work * vec)
+            rebuilt = (cal.rebuild + cal.rebuild_lora * L.lora) * vec + (fff_full / FFF_CHUNKS if recompute_fff else fff_full) * fff
+            work.append(ckpt_in + rebuilt)
         else:
             keep = act + ((fff_in if recompute_fff else fff_full) if fff else 0.0)
             kept.append(keep)

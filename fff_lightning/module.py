@@ -331,7 +331,7 @@ class FFFModule(L.LightningModule):
         device = self.trainer.strategy.root_device
         cap = memory.resolve(self.base.max_memory_gib, device)
         dm = self.trainer.datamodule
-        if stage == "fit" and cap is not None:
+        if stage == "fit" and cap is not None and self.base.plan_memory:
             self._plan_memory(cap, dm)
         memory.apply(cap, device)
         self.val_names = list(getattr(dm, "val_names", []) or [])

@@ -189,6 +189,8 @@ class BaseModelConfig:
         max_memory_gib: GPU memory this run may use, in GiB: a number caps each process's CUDA allocator (share a
             GPU, or rehearse a smaller card: an N GB card is about N - 0.5), ``auto`` is the device's free memory
             less 0.5 GiB, ``None`` (the default) no cap (:mod:`fff_lightning.memory`).
+        plan_memory: with a ``max_memory_gib``, let the memory plan choose checkpointing and FFF recomputation to
+            fit it (the unsloth backend); ``False``: cap the allocator only, checkpointing as configured.
         tiny: sizes of the ``tiny`` model.
     """
 
@@ -205,6 +207,7 @@ class BaseModelConfig:
     fuse_fff_mlp: bool = False
     tokenizer: str | None = None
     max_memory_gib: float | Literal["auto"] | None = None
+    plan_memory: bool = True
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
     def __post_init__(self) -> None:

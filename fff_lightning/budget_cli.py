@@ -13,6 +13,9 @@ Print the trainable parameters of a run (per adapter, total, share of the base m
 model shape, without loading or downloading weights. With --match, solve the other side of a fair comparison:
   --match lora_rank   the LoRA-only rank whose budget is closest to this run's (or to --target)
   --match fff_width   the FFF width (this run's FFF shape and LoRA) whose budget is closest to --target
+With --memory, print the memory plan `fit` would choose on a card of that many GB (usable: 0.5 GiB less) for the
+largest step the data config allows (batch_size x max_seq_length, or tokens_per_batch when packing), e.g.
+  --memory 8        one card        --memory 6,8,12,16,24,141   a table
 """
 
 
@@ -30,6 +33,11 @@ def parser() -> argparse.ArgumentParser:
         "--target",
         help="budget to match: a number of parameters or another run config, whose adapters are counted on this "
         "run's base model (default for lora_rank: this run's budget)",
+    )
+    p.add_argument(
+        "--memory",
+        metavar="GB[,GB...]",
+        help="card sizes in GB: print the memory plan for each (nothing loads; the unsloth backend's calibration)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.epilog = "Any other option overrides the configs as it does for `fit`, e.g. --model.lora.r 8."
@@ -62,12 +70,59 @@ def _table(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
+def _cards(value: str) -> list[float]:
+    try:
+        cards = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        cards = []
+    if not cards or any(not 0.5 < c < 10_000 for c in cards):
+        raise ConfigError("--memory", f"card sizes in GB above 0.5, comma-separated (e.g. 8 or 6,8,24); got {value!r}")
+    return cards
+
+
+def memory_plans(described, cards: list[float]) -> list[dict]:
+    """The memory plan of a described run on cards of ``cards`` GB (usable: 0.5 GiB less each), for the largest
+    step its data config allows. Raises ConfigError (one line) when none fits and only one card was asked for."""
+    from fff_lightning import memory
+    from fff_lightning.adapters import count_adapters
+    from fff_lightning.backends import memory_plan as mp
+
+    run, dm = described.model, described.datamodule
+    backend = run.base.backend
+    if mp.calibration(backend, dry_run=True) is None:
+        raise ConfigError("--memory", f"the memory plan is calibrated for the unsloth backend; this run uses {backend}")
+    shape = run.base_shape()
+    tokens = memory.worst_step_tokens(dm)
+    trainable = count_adapters(run.adapters, shape).trainable
+    rows = []
+    for card in cards:
+        cap = card - memory.MARGIN_GIB
+        row = {"card_gb": card, "cap_gib": cap, "tokens": tokens}
+        try:
+            chosen = memory.plan(run.base, run.adapters, shape, trainable, run.optim["name"], tokens, cap, backend,
+                                 dry_run=True)  # fmt: skip
+            row.update(fits=True, plan=chosen.describe(), predicted_gib=round(chosen.peak_gib, 2),
+                       relative_time=round(chosen.time, 3))  # fmt: skip
+        except ConfigError:
+            if len(cards) == 1:
+                raise
+            layout = mp.layout_of(shape, run.adapters, trainable, run.optim["name"], run.base.load_in_4bit)
+            smallest = min(mp.plans(layout, tokens, mp.calibration(backend, dry_run=True)), key=lambda p: p.peak_gib)
+            row.update(fits=False, plan=None, needs_gib=round(smallest.needs_gib(), 2))
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
     from fff_lightning.budget import match_fff_width, match_lora_rank
     from fff_lightning.run_config import describe_run
 
-    run = describe_run(*args.config, overrides=overrides).model
+    described = describe_run(*args.config, overrides=overrides)
+    if args.memory is not None:
+        _print_memory(args, memory_plans(described, _cards(args.memory)))
+        return
+    run = described.model
     spec, base, shape = run.adapters, run.base, run.base_shape()
     from fff_lightning.adapters import count_adapters
 
@@ -119,3 +174,31 @@ def main(argv: list[str]) -> None:
                 ("difference", f"{m.difference:+,} ({m.difference / m.target:+.3%})"),
             ],
         )
+
+
+def _print_memory(args, rows: list[dict]) -> None:
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    steps = f"steps of up to {rows[0]['tokens']:,} tokens"
+    if len(rows) == 1:
+        r = rows[0]
+        print(f"memory plan on a card of {r['card_gb']:g} GB ({r['cap_gib']:g} GiB usable), {steps}: {r['plan']}, "
+              f"predicted peak {r['predicted_gib']:.2f} GiB")  # fmt: skip
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{' + '.join(args.config)}: memory plans, {steps}")
+    for col in ("card", "usable GiB", "plan", "predicted peak GiB", "time vs no checkpointing"):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    for r in rows:
+        if r["fits"]:
+            table.add_row(f"{r['card_gb']:g} GB", f"{r['cap_gib']:g}", r["plan"], f"{r['predicted_gib']:.2f}",
+                          f"{r['relative_time']:.2f}x")  # fmt: skip
+        else:
+            table.add_row(f"{r['card_gb']:g} GB", f"{r['cap_gib']:g}", f"nothing fits (needs {r['needs_gib']:.2f} "
+                          "GiB usable)", "-", "-")  # fmt: skip
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 140).print(table)

@@ -9,6 +9,7 @@ checked against the device and applied in each process, on its own device, befor
 from __future__ import annotations
 
 import logging
+import math
 
 from fff_lightning.errors import ConfigError
 
@@ -83,23 +84,32 @@ def worst_step_tokens(datamodule) -> int:
     return datamodule.batch_size * datamodule.opts.max_seq_length
 
 
-def plan(base, adapters, shape, trainable: int, optimizer: str, tokens: int, cap_gib: float, backend: str):
+def plan(base, adapters, shape, trainable: int, optimizer: str, tokens: int, cap_gib: float, backend: str,
+         dry_run: bool = False):
     """The memory plan for a run whose cap is ``cap_gib`` (:mod:`fff_lightning.backends.memory_plan`); ``None``
-    where the planner has no calibration (only the ``unsloth`` backend has one). Nothing fits: one line that says
-    what would."""
+    where the planner has no calibration for ``backend`` (only Unsloth has one; a ``dry_run`` plans ``auto`` as
+    Unsloth). Nothing fits: one line that says what would."""
     from fff_lightning.backends import memory_plan as mp
 
-    if backend != "unsloth":
+    cal = mp.calibration(backend, dry_run)
+    if cal is None:
         return None
     layout = mp.layout_of(shape, adapters, trainable, optimizer, base.load_in_4bit)
     try:
-        return mp.choose(layout, tokens, cap_gib)
+        return mp.choose(layout, tokens, cap_gib, cal)
     except mp.NoPlanFits as e:
+        need = e.smallest.needs_gib()
+        fit = mp.largest_fitting_tokens(layout, cap_gib, tokens, cal)
+        change = (
+            f"steps of up to {fit:,} tokens fit: make data.batch_size x model.base.max_seq_length (or, packed, "
+            f"data.tokens_per_batch) at most {fit:,}"
+            if fit
+            else "the weights and adapters alone do not fit: a smaller model or fewer adapters"
+        )
         raise ConfigError(
             "model.base.max_memory_gib",
-            f"no memory plan fits {cap_gib:.2f} GiB with steps of {tokens:,} tokens: the smallest "
-            f"({e.smallest.describe()}) needs {e.smallest.needs_gib():.2f} GiB; lower data.batch_size, "
-            "model.base.max_seq_length or (packing) data.tokens_per_batch, or give more memory",
+            f"no memory plan fits {cap_gib:.2f} GiB with steps of {tokens:,} tokens (the smallest, "
+            f"{e.smallest.describe()}, needs {need:.2f} GiB: a card of {math.ceil(need + MARGIN_GIB)} GB); {change}",
         ) from None
 
 

@@ -178,8 +178,6 @@ class BaseModelConfig:
             LoRA, 0.8 with step 2's adapters). ``None``: all layers.
         recompute_fff: keep only each FFF stack's input for backward and recompute the stack there, in token
             chunks (less memory for a little time; the memory plan turns it on when it needs the room).
-        offload_embedding: keep the input embedding in CPU memory (unsloth backend; 0.24 GiB less on Mistral-7B;
-            the memory plan turns it on when it needs the room).
         compile_fff: run each FFF stack through ``torch.compile`` (fewer, fused kernels; compiles once, in
             seconds, on the first step); ``None``: on CUDA GPUs only.
         fuse_fff_mlp: on the unsloth backend with LoRA, run the MLPs that carry FFF with Unsloth's fused LoRA
@@ -202,7 +200,6 @@ class BaseModelConfig:
     gradient_checkpointing: bool = True
     checkpoint_layers: int | None = None
     recompute_fff: bool = False
-    offload_embedding: bool = False
     compile_fff: bool | None = None
     fuse_fff_mlp: bool = False
     tokenizer: str | None = None
@@ -312,6 +309,10 @@ class FFFConfig:
             raise ConfigError("model.fff.init_std", f"must be > 0; got {self.init_std!r}")
         if self.eps is not None and not self.eps > 0:
             raise ConfigError("model.fff.eps", f"must be > 0 or null; got {self.eps!r}")
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """The decoder layers (of ``n_layers``) that carry this adapter."""
+        return parse_layers(self.layers, n_layers, "model.fff.layers")
 
     def widths(self) -> list[int]:
         return list(self.width) if isinstance(self.width, (list, tuple)) else [self.width] * self.n_sublayers

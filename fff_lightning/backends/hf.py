@@ -71,9 +71,6 @@ class HF(Backend):
         return base.name_or_path
 
     def load(self, base, dtype):
-        if base.offload_embedding:
-            raise ConfigError("model.base.offload_embedding", f"is the unsloth backend's; the {self.name} backend "
-                              "keeps the embedding on the model's device")  # fmt: skip
         path = self.model_path(base)
         return load_pretrained(path, base.load_in_4bit, dtype), load_tokenizer(base.tokenizer or path)
 

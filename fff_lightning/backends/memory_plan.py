@@ -65,6 +65,14 @@ UNSLOTH = Calibration(fixed_gib=0.17, act=3.29, fff=1.9, work=2.36, rebuild=0.4,
                       source="Unsloth, H200, Mistral-7B nf4 (docs/benchmarks.md)")  # fmt: skip
 
 
+def calibration(backend: str, dry_run: bool = False) -> Calibration | None:
+    """The calibration of a backend (``auto`` resolved), or ``None``: only Unsloth's is measured. A dry run on a
+    machine without a GPU plans ``auto`` as a GPU machine with Unsloth runs it."""
+    if backend == "unsloth" or (dry_run and backend == "auto"):
+        return UNSLOTH
+    return None
+
+
 @dataclass(frozen=True)
 class Layout:
     """What the planner needs to know about a run, read from its config and the model's shape."""
@@ -102,7 +110,7 @@ class Plan:
         else:
             what = f"first {self.checkpointed} of {self.layers} layers checkpointed"
         if self.checkpointed and self.offloaded:
-            what += ", their inputs offloaded to CPU"
+            what += " (inputs offloaded to CPU)"
         if self.recompute_fff:
             what += ", FFF stacks recomputed"
         return what
@@ -190,14 +198,26 @@ def choose(layout: Layout, tokens: int, cap_gib: float, cal: Calibration = UNSLO
     raise NoPlanFits(cap_gib, min(every, key=lambda p: p.peak_gib))
 
 
+def largest_fitting_tokens(layout: Layout, cap_gib: float, tokens: int, cal: Calibration = UNSLOTH) -> int:
+    """The most tokens per step (at most ``tokens``, a multiple of 64) that some plan fits in ``cap_gib``; 0: none."""
+
+    def fits(t: int) -> bool:
+        return any(p.needs_gib() <= cap_gib for p in plans(layout, t, cal))
+
+    lo, hi = 0, tokens // 64  # in units of 64 tokens; fits(lo * 64) is assumed, fits(hi * 64) is not
+    if not fits(64):
+        return 0
+    lo = 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * 64) else (lo, mid)
+    return lo * 64
+
+
 def layout_of(shape, adapters, trainable: int, optimizer: str, load_in_4bit: bool) -> Layout:
     """The :class:`Layout` of a run: ``adapters`` is an :class:`~fff_lightning.spec.AdapterSpec`."""
-    from fff_lightning.spec import parse_layers
-
     fff = adapters.fff
-    fff_layers = frozenset()
-    if fff is not None:
-        fff_layers = frozenset(parse_layers(fff.layers, shape.num_hidden_layers, "model.fff.layers"))
+    fff_layers = frozenset(fff.layer_indices(shape.num_hidden_layers)) if fff is not None else frozenset()
     return Layout(
         layers=shape.num_hidden_layers,
         hidden=shape.hidden_size,

@@ -48,7 +48,6 @@ class Unsloth(Backend):
             dtype=dtype,
             load_in_4bit=base.load_in_4bit,
             **device_map(),
-            **({"offload_embedding": True} if base.offload_embedding else {}),
         )
         if base.tokenizer:
             tokenizer = load_tokenizer(base.tokenizer)

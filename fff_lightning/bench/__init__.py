@@ -173,7 +173,6 @@ def main(argv: list[str]) -> None:
     unknown = [c for c in cases if c not in {**FIT_CASES, **BARE_CASES, **MIX_CASES, **extras}]
     if unknown:
         sys.exit(f"error: unknown case(s) {unknown}; known: {', '.join([*BARE_CASES, *FIT_CASES, *MIX_CASES])}")
-    batches = [int(b) for b in opts.batch.split(",")]
     if opts.json:
         _JSON_OUT[:] = [opts.json]
     profiled = {c.strip() for c in opts.profile.split(",") if c.strip()}
@@ -194,9 +193,12 @@ def main(argv: list[str]) -> None:
             "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.optimizer", "adamw",
         ]  # fmt: skip
     opts.base_args += ["--model.base.max_seq_length", str(seq)]
-    data = Path(opts.data) if opts.data else long_rows(work / "long.jsonl", n=120, words=int(seq * 0.9))
+    batches = [int(b) for b in opts.batch.split(",")]
+    # Enough rows for every timed step (a fit case runs one epoch at most: fewer rows would end it early).
+    rows = max(120, max(batches) * (opts.steps + 3 + 3))
+    data = Path(opts.data) if opts.data else long_rows(work / "long.jsonl", n=rows, words=int(seq * 0.9))
     opts.data_desc = (
-        f"{data}" if opts.data else f"120 synthetic prompt/response rows of about {seq} tokens (truncated to {seq})"
+        f"{data}" if opts.data else f"{rows} synthetic prompt/response rows of about {seq} tokens (truncated to {seq})"
     )
     long_source = [
         "--data.sources="

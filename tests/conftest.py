@@ -10,8 +10,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
-# Under pytest-xdist each worker gets one thread (the workers share the cores); alone, two.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+# Under pytest-xdist each worker gets one thread (the workers share the cores); alone, two. The runs a test starts
+# as subprocesses get the same count: a run compared bit for bit with one made in the test's process must add its
+# floats in the same order.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads())
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture

@@ -157,7 +157,8 @@ def test_budget_memory_that_nothing_fits_is_one_line_with_what_would(capsys):
     for bad in ("0", "x", "-3"):
         with pytest.raises(SystemExit):
             main(["budget", "--config", "step2", "--memory", bad])
-        assert capsys.readouterr().err.strip().startswith("error: --memory: card sizes in GB")
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert len(err) == 1 and err[0].startswith("error: --memory: card sizes in GB"), err
 
 
 def test_a_capped_fit_runs_the_plan_it_prints(monkeypatch, capsys):

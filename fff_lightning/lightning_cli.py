@@ -123,6 +123,8 @@ class FFFCLI(RunCLI):
         results = self.model.last_results
         if results and self.trainer.is_global_zero:
             table.report(self.folder.path, results, self.datamodule.seen_in_training, self.folder.name, what)
+            if self.model.last_samples:
+                print(f"per-sample losses written to {table.write_samples(self.folder.path, self.model.last_samples)}")
             if not all(r.get("finite", True) for r in results):
                 raise Diverged(f"{what}: a dataset's loss is not finite; the table in {self.folder.path} says which")
 

@@ -133,6 +133,8 @@ class FFFModule(L.LightningModule):
         self._shape = None
         self._preflown = None  # the Trainer this run's checks were made for
         self.memory_plan = None  # the memory plan setup chose (model.base.max_memory_gib), if any
+        self._samples: dict = {}  # this validation's per-sample records, per dataset
+        self.last_samples: list[dict] | None = None  # the last validation's, gathered (first process)
         self._pending = None  # (step, device flag): the last step's finiteness, read at the next step
         self.skipped_steps = 0
         # What a run's end reports (the CLI's table and closing lines read them):
@@ -352,15 +354,65 @@ class FFFModule(L.LightningModule):
                 torch.nn.ModuleList(SumMetric(nan_strategy="disable") for _ in range(5)) for _ in self.val_names
             )
 
+    def sample_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(summed loss, scored tokens)`` of each sample of a batch, in the batch's order: the model's logits
+        (called without labels, so every backend returns them) against the labels shifted by one, in fp32, one row
+        at a time; a packed row is split at its samples' starts (where ``position_ids`` restart)."""
+        kwargs = self.backend.forward_kwargs(batch)
+        logits = self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+        labels = batch["labels"]
+        rows, length = labels.shape
+        if "position_ids" in batch:  # packed: one row, several samples
+            owner = (batch["position_ids"] == 0).long().cumsum(-1) - 1
+            n = int(batch["sample_index"].numel()) if "sample_index" in batch else int(owner.max()) + 1
+        else:
+            owner = torch.arange(rows, device=labels.device)[:, None].expand(rows, length)
+            n = rows
+        loss_sum = torch.zeros(n, dtype=torch.float64, device=labels.device)
+        tokens = torch.zeros(n, dtype=torch.long, device=labels.device)
+        for r in range(rows):
+            target = labels[r, 1:]
+            tok = torch.nn.functional.cross_entropy(
+                logits[r, :-1].float(), target, ignore_index=IGNORE, reduction="none"
+            )
+            scored = target != IGNORE
+            who = owner[r, 1:]
+            loss_sum.index_add_(0, who, torch.where(scored, tok, torch.zeros_like(tok)).double())
+            tokens.index_add_(0, who, scored.long())
+        return loss_sum, tokens
+
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0):
-        n_tokens = (batch["labels"][:, 1:] != IGNORE).sum()  # the model shifts labels by one
+        per_sample, per_tokens = self.sample_losses(batch)
+        n_tokens = per_tokens.sum()
         n_samples = batch.get("num_samples", batch["input_ids"].shape[0])
-        loss = self(batch).loss.float()  # mean over the batch's scored tokens
+        loss = (per_sample.sum() / n_tokens).float()  # mean over the batch's scored tokens (NaN if it has none)
         values = (loss * n_tokens, n_tokens, n_samples, loss * n_samples, (~torch.isfinite(loss)).float())
         for metric, value in zip(self.sums[dataloader_idx], values, strict=True):
             metric.update(value)
+        if "sample_index" in batch and not self.trainer.sanity_checking:
+            self._samples.setdefault(dataloader_idx, []).append(
+                (batch["sample_index"].cpu(), per_tokens.cpu(), per_sample.cpu())
+            )
 
     test_step = validation_step
+
+    def _epoch_samples(self) -> list[dict] | None:
+        """Every process's per-sample records of this validation, gathered (DDP) and in dataset order: one
+        ``{"dataset", "sample", "tokens", "loss_sum"}`` per validation sample, on the first process; ``None``
+        elsewhere."""
+        mine = []
+        for d, parts in sorted(self._samples.items()):
+            for index, tokens, loss_sum in parts:
+                mine += [(d, int(i), int(t), float(v)) for i, t, v in zip(index, tokens, loss_sum, strict=True)]
+        self._samples = {}
+        every = [mine]
+        if self.trainer.world_size > 1:
+            every = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(every, mine)
+        if not self.trainer.is_global_zero:
+            return None
+        rows = sorted(r for part in every for r in part)
+        return [{"dataset": self.val_names[d], "sample": i, "tokens": t, "loss_sum": v} for d, i, t, v in rows]
 
     def _epoch_results(self) -> list[dict]:
         results = []
@@ -378,6 +430,7 @@ class FFFModule(L.LightningModule):
                     m.reset()
             return
         results = self._epoch_results()
+        self.last_samples = self._epoch_samples()
         for r in results:
             self.log(f"val/{r['dataset']}/loss", r["loss"], sync_dist=False, add_dataloader_idx=False)
             self.log(f"val/{r['dataset']}/ppl", r["ppl"], sync_dist=False, add_dataloader_idx=False)
@@ -388,6 +441,7 @@ class FFFModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.last_results = self._epoch_results()
+        self.last_samples = self._epoch_samples()
         for r in self.last_results:
             self.log(f"test/{r['dataset']}/loss", r["loss"], add_dataloader_idx=False)
 

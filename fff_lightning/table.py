@@ -118,3 +118,48 @@ def report(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str
 
 def _fmt(v) -> str:
     return f"{v:.6f}" if isinstance(v, float) else str(v)
+
+
+SAMPLES_FILE = "validation_samples.parquet"
+
+
+def write_samples(folder: str | Path, samples: list[dict]) -> Path:
+    """``validation_samples.parquet``: one row per validation sample -- dataset, sample (its index in the
+    dataset's validation rows), scored tokens, summed loss (nats) -- so statistics over samples need no re-run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fff_lightning.files import atomic_file
+
+    table = pa.table(
+        {
+            "dataset": pa.array([r["dataset"] for r in samples], pa.string()),
+            "sample": pa.array([r["sample"] for r in samples], pa.int64()),
+            "tokens": pa.array([r["tokens"] for r in samples], pa.int64()),
+            "loss_sum": pa.array([r["loss_sum"] for r in samples], pa.float64()),
+        }
+    )
+    dest = Path(folder) / SAMPLES_FILE
+    with atomic_file(dest, "wb") as fh:
+        pq.write_table(table, fh)
+    return dest
+
+
+def read_samples(folder: str | Path) -> dict[str, dict[int, tuple[int, float]]] | None:
+    """``{dataset: {sample: (tokens, loss_sum)}}`` of a run folder's per-sample file, or ``None`` without one
+    (runs from before it existed). A damaged file is refused in one line."""
+    from fff_lightning.errors import ConfigError
+
+    path = Path(folder) / SAMPLES_FILE
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(path).to_pydict()
+        out: dict = {}
+        for d, i, n, v in zip(t["dataset"], t["sample"], t["tokens"], t["loss_sum"], strict=True):
+            out.setdefault(d, {})[int(i)] = (int(n), float(v))
+    except Exception as e:  # pyarrow raises its own types for a damaged or foreign file
+        raise ConfigError("report", f"{path} is not a per-sample table ({type(e).__name__})") from None
+    return out

@@ -161,6 +161,16 @@ def test_two_processes_train_and_validate_like_one_with_twice_the_batch(one, two
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch=0-step=6.ckpt"]
     assert out.stdout.count("validation after training") == 1 and out.stdout.count("data: ") == 1
     assert "2 processes" in out.stdout and "tokens/s of all of them" in out.stdout
+    # Per-sample losses: gathered from both processes, every validation sample once, written once
+    from fff_lightning.table import read_samples
+
+    got, ref = read_samples(run), read_samples(one)
+    assert {d: sorted(v) for d, v in got.items()} == {d: sorted(v) for d, v in ref.items()}
+    for d, rows in ref.items():
+        assert all(got[d][i][0] == n and got[d][i][1] == pytest.approx(v, rel=1e-5) for i, (n, v) in rows.items())
+        loss = sum(v for _, v in rows.values()) / sum(n for n, _ in rows.values())
+        assert loss == pytest.approx(next(r["loss"] for r in table(one) if r["dataset"] == d), rel=1e-6)  # the table
+    assert out.stdout.count("per-sample losses written") == 1
 
 
 @pytest.mark.slow

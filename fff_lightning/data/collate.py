@@ -38,6 +38,7 @@ class PadCollator:
             "labels": pad([r["labels"] for r in rows], IGNORE),
             "attention_mask": pad([[1] * len(x) for x in ids], 0),
             "source": torch.tensor([r["source"] for r in rows]),
+            "sample_index": torch.tensor([r.get("index", -1) for r in rows]),
             "num_tokens": sum(len(x) for x in ids),
             "num_samples": len(rows),
         }
@@ -68,6 +69,7 @@ class PackCollator:
             "position_ids": torch.tensor([positions], dtype=torch.long),
             "packed_seq_lengths": torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.int32),
             "source": torch.tensor([r["source"] for r in rows]),
+            "sample_index": torch.tensor([r.get("index", -1) for r in rows]),
             "num_tokens": len(ids),
             "num_samples": len(rows),
         }

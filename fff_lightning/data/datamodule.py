@@ -50,7 +50,7 @@ class TokenizedRows(Dataset):
     def __getitem__(self, i: int) -> dict:
         s, r = self.order[i]
         row = self.parts[s][r]
-        return {"input_ids": row["input_ids"], "labels": row["labels"], "source": s}
+        return {"input_ids": row["input_ids"], "labels": row["labels"], "source": s, "index": r}
 
     def lengths(self) -> list[int]:
         """Every sample's token count, in order (read from the prepared ``length`` column, not by decoding)."""

@@ -5,13 +5,22 @@ A grid file::
 
     sweep:
       experiment: step1_i                 # runs go to <logs_dir>/<experiment>/<run name>/
-      configs: [step2.yaml]               # run configs every run starts from (paths next to this file)
+      configs: [step2.yaml]               # run configs every run starts from (paths next to this file; with arms
+                                          #   that each give their configs, leave it out)
       set:                                # settings every run shares (the dotted keys `fit` takes)
         model.lr: 3.0e-5
       grid:                               # every combination of these values is a run
         model.fff.width: [64, 128]
         model.fff.n_sublayers: [1, 6]
       baselines: lora_rank                # optional: for each FFF run, the LoRA-only run of the closest budget
+      seeds: [12, 13, 14]                 # optional: every run once per seed (model.seed: the adapters' draws)
+      seed_data: false                    # optional: the seed also moves the data order (data.seed)
+      arms:                               # optional: named sides of a comparison, each crossed with the grid
+        fff: {configs: [step2.yaml]}      #   and the seeds; each may give its own configs, set and seeds
+        lora: {configs: [step2_lora.yaml]}
+
+With seeds, a run's name ends in ``-seed=<n>`` (its folder too) and ``report`` groups runs by everything else;
+with arms, names start with the arm's name. A baseline gets the seed of the run it matches.
 
 Runs are named after their adapters (the research's legend, ``lora-[128]-6-[gelu_new]-[up_proj]``), plus the
 grid's other settings (``-lr=3e-05``). A run that finished (its ``validation.json`` exists and ``sweep.json`` records
@@ -59,6 +68,9 @@ class Grid:
     baselines: str | None = None
     logs_dir: str = "logs"
     validate: bool = True
+    seeds: list[int] | None = None
+    seed_data: bool = False
+    arms: dict[str, dict] | None = None
 
 
 @dataclass
@@ -70,6 +82,10 @@ class Run:
     #: why the run cannot train, known before it starts (its adapters do not fit the model): recorded as failed
     #: without starting a process
     error: str | None = None
+    configs: list[str] | None = None  # the arm's run configs (default: the grid's)
+    seed: int | None = None
+    group: str | None = None  # the name without the seed: the runs report takes together
+    arm: str | None = None
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -89,23 +105,77 @@ def load_grid(path: str | Path) -> Grid:
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise ConfigError(f"sweep.{unknown[0]}", f"unknown field; allowed: {', '.join(Grid.__dataclass_fields__)}")
-    for key in ("experiment", "configs", "grid"):
-        if key not in spec:
-            raise ConfigError(f"sweep.{key}", "is required")
+    if "experiment" not in spec:
+        raise ConfigError("sweep.experiment", "is required")
+    arms = spec.get("arms")
+    if "configs" not in spec and not (
+        isinstance(arms, dict) and arms and all(isinstance(a, dict) and a.get("configs") for a in arms.values())
+    ):
+        raise ConfigError("sweep.configs", "is required (unless every arm gives its own configs)")
+    spec.setdefault("configs", [])
+    spec.setdefault("grid", {})
+    if not isinstance(spec["configs"], list):
+        raise ConfigError("sweep.configs", f"must be a list of run configs; got {spec['configs']!r}")
     grid = Grid(**spec)
-    if not isinstance(grid.grid, dict) or not grid.grid:
-        raise ConfigError("sweep.grid", "give at least one setting with a list of values")
+    if not isinstance(grid.grid, dict) or not (grid.grid or grid.seeds or grid.arms):
+        raise ConfigError("sweep.grid", "give at least one setting with a list of values (or seeds, or arms)")
+    grid.seeds = _seeds(grid.seeds, "sweep.seeds")
+    if not isinstance(grid.seed_data, bool):
+        raise ConfigError("sweep.seed_data", f"must be true or false; got {grid.seed_data!r}")
+    if grid.arms is not None:
+        if not isinstance(grid.arms, dict) or not grid.arms:
+            raise ConfigError("sweep.arms", "must map arm names to {configs, set, seeds}")
+        for name, arm in grid.arms.items():
+            arm = {} if arm is None else arm
+            if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+                raise ConfigError("sweep.arms", f"arm names are letters, digits, - and _; got {name!r}")
+            if not isinstance(arm, dict) or set(arm) - {"configs", "set", "seeds"}:
+                raise ConfigError(f"sweep.arms.{name}", "may give configs (a list), set (a mapping) and seeds")
+            configs = arm.get("configs")
+            if configs is not None and (not isinstance(configs, list) or not configs):
+                raise ConfigError(f"sweep.arms.{name}.configs", "must be a non-empty list of run configs")
+            if not isinstance(arm.get("set", {}), dict):
+                raise ConfigError(f"sweep.arms.{name}.set", "must be a mapping of dotted keys to values")
+            arm["seeds"] = _seeds(arm.get("seeds"), f"sweep.arms.{name}.seeds")
+            arm["configs"] = [_relative(c, path) for c in configs] if configs else None
+            grid.arms[name] = arm
     for key, values in grid.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid.{key}", f"must be a non-empty list of values; got {values!r}")
     if grid.baselines is not None and grid.baselines not in BASELINES:
         raise ConfigError("sweep.baselines", f"unknown value {grid.baselines!r}; allowed: {', '.join(BASELINES)}")
     # Config paths are relative to the grid file, as `fit`'s budget targets are to theirs.
-    grid.configs = [str(c if Path(c).is_absolute() else (path.parent / c)) for c in grid.configs]
-    for c in grid.configs:
+    grid.configs = [_relative(c, path) for c in grid.configs]
+    for c in grid.configs + [c for a in (grid.arms or {}).values() for c in a["configs"] or []]:
         if not Path(c).is_file():
             raise ConfigError("sweep.configs", f"no such run config: {c}")
     return grid
+
+
+def _relative(config: str, grid_file: Path) -> str:
+    """A run config named in a grid: a path relative to the grid file, else a shipped config's name."""
+    local = Path(config) if Path(config).is_absolute() else grid_file.parent / config
+    return str(config_files.shipped(config) if not local.exists() and config_files.shipped(config) else local)
+
+
+def _seeds(seeds, field: str) -> list[int] | None:
+    if seeds is None:
+        return None
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(field, f"must be a list of different ints >= 0, e.g. [12, 13, 14]; got {seeds!r}")
+    return seeds
+
+
+def _seeded(seed: int | None, data: bool) -> list[str]:
+    """The overrides of one seed: the adapters' initial draws, and with ``seed_data`` the data order."""
+    if seed is None:
+        return []
+    return [f"--model.seed={seed}"] + ([f"--data.seed={seed}"] if data else [])
 
 
 def _flag(key: str, value) -> str:
@@ -125,26 +195,35 @@ def _suffix(settings: dict) -> str:
 
 
 def expand(grid: Grid) -> list[Run]:
-    """Every run of the grid, with its name and ``fit`` overrides, then the baselines asked for."""
+    """Every run of the grid (per arm, per seed), with its name and ``fit`` overrides, then the baselines asked
+    for."""
     from fff_lightning.adapters import count_adapters
     from fff_lightning.run_config import describe_run
 
     shared = [_flag(k, v) for k, v in grid.set.items()]
     keys = list(grid.grid)
     runs: list[Run] = []
-    for values in itertools.product(*(grid.grid[k] for k in keys)):
-        settings = dict(zip(keys, values, strict=True))
-        overrides = shared + [_flag(k, v) for k, v in settings.items()]
-        module = describe_run(*grid.configs, overrides=overrides).model
-        name = module.adapters.legend() + _suffix(settings)
-        trainable = error = None
-        try:
-            trainable = count_adapters(module.adapters, module.base_shape()).trainable
-        except ConfigError as e:  # e.g. a layer the model does not have: recorded as failed, not started
-            error = f"error: {e}"
-        runs.append(Run(name, overrides, trainable=trainable, error=error))
-        if grid.baselines == "lora_rank" and module.adapters.fff is not None:
-            runs.append(_baseline(module, settings, shared, name, trainable))
+    for arm_name, arm in (grid.arms or {None: {}}).items():
+        configs = arm.get("configs") or grid.configs
+        arm_set = [_flag(k, v) for k, v in (arm.get("set") or {}).items()]
+        prefix = f"{arm_name}-" if arm_name else ""
+        for values in itertools.product(*(grid.grid[k] for k in keys)):
+            settings = dict(zip(keys, values, strict=True))
+            for seed in arm.get("seeds") or grid.seeds or [None]:
+                seeded = _seeded(seed, grid.seed_data)
+                overrides = shared + arm_set + [_flag(k, v) for k, v in settings.items()] + seeded
+                module = describe_run(*configs, overrides=overrides).model
+                group = prefix + module.adapters.legend() + _suffix(settings)
+                name = group + (f"-seed={seed}" if seed is not None else "")
+                trainable = error = None
+                try:
+                    trainable = count_adapters(module.adapters, module.base_shape()).trainable
+                except ConfigError as e:  # e.g. a layer the model does not have: recorded as failed, not started
+                    error = f"error: {e}"
+                runs.append(Run(name, overrides, trainable=trainable, error=error, configs=configs, seed=seed,
+                                group=group, arm=arm_name))  # fmt: skip
+                if grid.baselines == "lora_rank" and module.adapters.fff is not None:
+                    runs.append(_baseline(module, settings, shared + arm_set, name, trainable, seeded, seed, configs))
     unique: dict[str, Run] = {}
     for r in runs:
         if r.name in unique and not (r.baseline_of or unique[r.name].baseline_of):
@@ -153,7 +232,8 @@ def expand(grid: Grid) -> list[Run]:
     return list(unique.values())
 
 
-def _baseline(module, settings: dict, shared: list[str], of: str, target: int | None) -> Run:
+def _baseline(module, settings: dict, shared: list[str], of: str, target: int | None, seeded: list[str],
+              seed: int | None, configs: list[str]) -> Run:  # fmt: skip
     """The LoRA-only run (the run's LoRA modules and layers, or all seven of every layer) closest in budget."""
     from fff_lightning.budget import match_lora_rank
 
@@ -165,8 +245,12 @@ def _baseline(module, settings: dict, shared: list[str], of: str, target: int | 
     r = match.value
     lora = {"r": r, **({} if module.adapters.lora is None else {"alpha": None, "preset": None})}
     other = {k: v for k, v in settings.items() if not k.startswith(ADAPTER_KEYS)}
-    overrides = [*shared, *(_flag(k, v) for k, v in other.items()), "--model.fff=null", _flag("model.lora", lora)]
-    return Run(f"lora-r{r}{_suffix(other)}", overrides, baseline_of=of, trainable=match.budget.trainable)
+    overrides = [*shared, *(_flag(k, v) for k, v in other.items()), "--model.fff=null", _flag("model.lora", lora),
+                 *seeded]  # fmt: skip
+    group = f"lora-r{r}{_suffix(other)}"
+    name = group + (f"-seed={seed}" if seed is not None else "")
+    return Run(name, overrides, baseline_of=of, trainable=match.budget.trainable, configs=configs, seed=seed,
+               group=group)  # fmt: skip
 
 
 # -- running -----------------------------------------------------------------------------------------------------
@@ -214,12 +298,15 @@ def lock_experiment(grid: Grid) -> int:
 def _finished(grid: Grid, run: Run, status: dict) -> bool:
     entry = status.get(run.name, {})
     table = Path(grid.logs_dir) / grid.experiment / run.name / "validation.json"
-    return entry.get("state") == "done" and entry.get("overrides") == run.overrides and table.is_file()
+    same = entry.get("overrides") == run.overrides and entry.get("configs", run.configs or grid.configs) == (
+        run.configs or grid.configs
+    )
+    return entry.get("state") == "done" and same and table.is_file()
 
 
 def _command(grid: Grid, run: Run, subcommand: str) -> list[str]:
     cmd = [sys.executable, "-m", "fff_lightning", subcommand]
-    cmd += [a for c in grid.configs for a in ("--config", c)] + run.overrides
+    cmd += [a for c in (run.configs or grid.configs) for a in ("--config", c)] + run.overrides
     cmd += [f"--experiment={grid.experiment}", f"--logs_dir={grid.logs_dir}", f"--run_name={run.name}"]
     if subcommand == "validate":
         cmd.append(f"--model.adapter_path={Path(grid.logs_dir) / grid.experiment / run.name / 'adapter'}")
@@ -299,7 +386,8 @@ def run_grid(grid: Grid, runs: list[Run], quiet: bool = False) -> dict:
         left = f", about {_fmt(statistics.mean(durations) * (len(todo) - i + 1))} left" if durations else ""
         print(f"[sweep] run {i} of {len(todo)}: {run.name}{left}", flush=True)
         t0 = time.perf_counter()
-        entry = {"overrides": run.overrides, "baseline_of": run.baseline_of}
+        entry = {"overrides": run.overrides, "baseline_of": run.baseline_of, "configs": run.configs or grid.configs}
+        entry |= {"seed": run.seed, "group": run.group or run.name, "arm": run.arm, "trainable": run.trainable}
         if run.error:  # known before it starts: the run's adapters do not fit the model
             entry.update(state="failed", step="check", error=run.error)
         elif busy := _set_aside(folder):
@@ -348,9 +436,11 @@ def main(argv: list[str]) -> None:
         lock_experiment(grid)  # before the grid is expanded: a second copy is refused at once
     runs = expand(grid)
     if args.dry_run:
+        status = _read_status(grid)
         for r in runs:
             budget = f"{r.trainable:,} trainable" if r.error is None else f"will not run: {r.error}"
-            print(f"{r.name}   {budget}{f'   (baseline of {r.baseline_of})' if r.baseline_of else ''}")
+            done = "   (finished: skipped)" if _finished(grid, r, status) else ""
+            print(f"{r.name}   {budget}{f'   (baseline of {r.baseline_of})' if r.baseline_of else ''}{done}")
         return
     status = run_grid(grid, runs, quiet=args.quiet)
     if any(status.get(r.name, {}).get("state") != "done" for r in runs):

@@ -60,3 +60,14 @@ class SignalAtHook(L.Callback):
         if not self.sent and trainer.global_step >= self.after_step:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class FailForSeed(L.Callback):
+    """Fail the run whose ``model.seed`` is ``seed`` as training starts (a sweep's one bad seed)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.seed == self.seed:
+            raise RuntimeError(f"planted failure for seed {self.seed}")

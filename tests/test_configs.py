@@ -15,7 +15,7 @@ CONFIGS = [p for p in ALL if p not in GRIDS]
 
 def test_there_are_configs():
     assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "step2.yaml", "step2_lora.yaml"}
-    assert {p.name for p in GRIDS} == {f"step1_{s}.yaml" for s in ("i", "ii", "iii", "iv")}
+    assert {p.name for p in GRIDS} == {f"step1_{s}.yaml" for s in ("i", "ii", "iii", "iv")} | {"step2_seeds.yaml"}
 
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
@@ -24,7 +24,8 @@ def test_research_grid_expands_into_runs_whose_budgets_its_comment_states(path):
 
     grid = load_grid(path)
     runs = expand(grid)
-    assert runs and any(r.baseline_of for r in runs)  # every step compares FFF with budget-matched LoRA
+    # every step compares FFF with budget-matched LoRA: a baseline per FFF run, or a LoRA arm
+    assert runs and (any(r.baseline_of for r in runs) or "lora" in (grid.arms or {}))
     text = path.read_text()
     for run in runs:
         assert run.trainable and f"{run.trainable:,}" in text, run.name
@@ -85,3 +86,14 @@ def test_a_dataset_is_pointed_at_local_files_from_the_command_line(tmp_path):
     cli = describe_run(CONFIGS[0].parent / "step2.yaml", overrides=["--data.paths", f"{{metamath: {f}}}"])
     by = {s.name: s for s in cli.datamodule.sources}
     assert by["metamath"].path == str(f) and by["magicoder"].path == "ise-uiuc/Magicoder-OSS-Instruct-75K"
+
+
+def test_the_seeds_grid_runs_step2_and_its_lora_baseline_per_seed():
+    from fff_lightning.sweep import expand, load_grid
+
+    runs = expand(load_grid(CONFIGS[0].parent / "step2_seeds.yaml"))
+    assert sorted((r.arm, r.seed, r.trainable) for r in runs) == sorted(
+        [("fff", s, 129_146_880) for s in (12, 13, 14)] + [("lora", s, 120_586_240) for s in (12, 13, 14)]
+    )
+    assert all(r.name == f"{r.group}-seed={r.seed}" and f"--model.seed={r.seed}" in r.overrides for r in runs)
+    assert not any(o.startswith("--data.seed") for r in runs for o in r.overrides)  # the research's data order

@@ -16,10 +16,8 @@ import torch
 from torch import nn
 
 from fff_lightning.errors import ConfigError
-from fff_lightning.spec import FFF_PREFIX, AdapterSpec, Budget
+from fff_lightning.spec import CONFIG_NAME, FFF_PREFIX, WEIGHTS_NAME, AdapterSpec, Budget
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "fff_adapter_config.json"
 #: The adapter-folder format this version writes and reads.
 FORMAT_VERSION = 1
 FLOAT_DTYPES = ("F32", "BF16", "F16")

@@ -9,6 +9,11 @@ Writes into ``--out``:
 * ``final_val_loss.png``: the final validation loss per dataset, one bar per run (and per published figure).
 
 A run keeps its colour in every figure.
+
+With seeds (runs named ``...-seed=<n>``, as ``sweep`` names them) or ``--compare NAME=GLOB ...``, the runs are taken
+together as arms (:mod:`fff_lightning.compare`): the figures then show each arm's mean over its seeds with a 95%
+interval (bars) or a band (curves), and ``comparison.md`` / ``comparison.json`` give each arm's interval per dataset
+and, for two arms, their paired difference on the same validation samples with a verdict (``difference.png``).
 """
 
 from __future__ import annotations
@@ -58,7 +63,42 @@ def read_run(folder: Path) -> dict:
         raise ConfigError("report", f"{table} is not valid JSON ({e.msg}, line {e.lineno})") from None
     except (UnicodeDecodeError, RecursionError) as e:
         raise ConfigError("report", f"{table} is not a validation table ({type(e).__name__})") from None
-    return {"name": folder.name, "rows": check_rows(table, rows), "curves": read_curves(folder)}
+    from fff_lightning.table import read_samples
+
+    run = {"name": folder.name, "rows": check_rows(table, rows), "curves": read_curves(folder)}
+    entry = sweep_entries(folder.parent).get(folder.name, {})
+    m = _SEED.search(folder.name)
+    run["seed"] = entry.get("seed", int(m.group(1)) if m else None)
+    run["group"] = entry.get("group") or (folder.name[: m.start()] if m else folder.name)
+    run["trainable"] = entry.get("trainable") or _trainable(folder / "adapter")
+    run["samples"] = read_samples(folder)
+    return run
+
+
+_SEED = re.compile(r"-seed=(\d+)$")  # what `sweep` appends to a seeded run's name
+
+
+def sweep_entries(experiment: Path) -> dict[str, dict]:
+    """The runs that ``sweep.json`` records in an experiment folder (state, seed, group, trainable), or nothing."""
+    try:
+        data = json.loads((experiment / "sweep.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def _trainable(adapter: Path) -> int | None:
+    """The trainable count of a run's exported adapters, from the safetensors header alone (8 bytes of length, then
+    JSON), without torch; ``None`` where there is no readable file."""
+    from fff_lightning.spec import WEIGHTS_NAME
+
+    try:
+        with open(adapter / WEIGHTS_NAME, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size < 1 << 26 else {}
+        return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__") or None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
 
 
 def check_rows(table: Path, rows) -> list[dict]:
@@ -253,7 +293,8 @@ def pick_runs(paths: list[Path]) -> list[Path]:
             notes.append(f"{p.name} (a failed run, kept aside)")
             continue
         if p.parent not in failed_in_sweep:
-            failed_in_sweep[p.parent] = _failed_runs(p.parent / "sweep.json")
+            entries = sweep_entries(p.parent)
+            failed_in_sweep[p.parent] = {n for n, e in entries.items() if e.get("state") == "failed"}
         if p.name in failed_in_sweep[p.parent] and not (p / "validation.json").is_file():
             notes.append(f"{p.name} (failed in the sweep)")
             continue
@@ -265,35 +306,54 @@ def pick_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
-def _failed_runs(status: Path) -> set[str]:
-    try:
-        data = json.loads(status.read_text()) if status.is_file() else {}
-    except (OSError, ValueError, RecursionError):
-        return set()
-    return {n for n, e in data.items() if isinstance(e, dict) and e.get("state") == "failed"} if isinstance(
-        data, dict) else set()  # fmt: skip
-
-
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m fff_lightning report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("runs", nargs="+", help="run folders (each with validation.json and TensorBoard events)")
+    p = argparse.ArgumentParser(
+        prog="python -m fff_lightning report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("runs", nargs="*", help="run folders (each with validation.json and TensorBoard events)")
     p.add_argument("--out", required=True, help="folder for the tables and figures")
     p.add_argument("--reference", choices=["research"], help="put the study's published figures beside the runs")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="NAME=GLOB",
+        help="after the run folders: the two arms to compare, each a glob over the folders' paths or names (e.g. "
+        "fff='logs/step2_seeds/fff-*' lora='logs/step2_seeds/lora-*'); default: runs that differ only in their "
+        "seed (-seed=<n>) are one arm",
+    )
     args = p.parse_args(argv)
+    if args.compare:  # `--compare a=X b=Y <folders>`: the folders after it are runs, not arms
+        args.runs += [c for c in args.compare if Path(c).exists()]
+        args.compare = [c for c in args.compare if not Path(c).exists()] or None
+    if not args.runs:
+        p.error("give the run folders to report on, e.g. logs/step2_seeds/*")
     import matplotlib
+
+    from fff_lightning import compare
 
     matplotlib.use("Agg")  # files only, no display needed
     folders = pick_runs([Path(r) for r in args.runs])
-    runs = [read_run(f) for f in folders]
+    runs = [read_run(f) | {"path": str(f)} for f in folders]
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):  # the same name in two experiments: tell them apart
         for run, f in zip(runs, folders, strict=True):
             run["name"] = f"{f.parent.name}/{f.name}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    colours = _colours([r["name"] for r in runs])
-    files = write_tables(out, runs, args.reference == "research")
-    files += plot_curves(out, runs, colours)
-    files.append(plot_bars(out, runs, args.reference == "research", colours))
+    reference = RESEARCH if args.reference == "research" else {}
+    files = write_tables(out, runs, bool(reference))
+    if args.compare or any(r["seed"] is not None for r in runs):  # seeds: arms, intervals, the comparison
+        arms = compare.arms_of(runs, args.compare)
+        colours = _colours(list(arms))
+        result = compare.comparison(arms)
+        compare.print_comparison(result)
+        files += compare.write_comparison(out, arms, result, reference, REFERENCE_NOTE)
+        files += compare.plot_curves(out, arms, colours)
+        files.append(compare.plot_bars(out, result, reference, colours))
+        if result["differences"]:
+            files.append(compare.plot_difference(out, result))
+    else:
+        colours = _colours([r["name"] for r in runs])
+        files += plot_curves(out, runs, colours)
+        files.append(plot_bars(out, runs, bool(reference), colours))
     print(f"report of {len(runs)} runs written to {out}: " + ", ".join(f.name for f in files))

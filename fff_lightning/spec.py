@@ -25,6 +25,9 @@ from fff_lightning import backends, memory
 from fff_lightning.backends import BACKENDS, MISTRAL_7B
 from fff_lightning.errors import ConfigError
 
+#: An exported adapter folder: its weights (safetensors) and its config (JSON).
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "fff_adapter_config.json"
 #: Projections of a Mistral/Llama MLP whose input FFF may transform.
 FFF_TARGETS = ("up_proj", "gate_proj")
 #: Every FFF parameter name contains this; :mod:`fff_lightning.adapters` relies on it.

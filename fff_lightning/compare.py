@@ -1,0 +1,294 @@
+"""Arms over seeds for ``report``: which runs are taken together, each arm's mean with its interval, the paired
+difference of two arms on the same validation samples, the verdict, and their tables and figures.
+
+An *arm* is a set of runs that differ only in their seed: by default the runs whose names are the same but for
+``-seed=<n>`` (what ``sweep`` names them), or ``--compare NAME=GLOB ...``. The statistics are in
+:mod:`fff_lightning.stats`.
+"""
+
+from __future__ import annotations
+
+import json
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+
+from fff_lightning import stats
+from fff_lightning.errors import ConfigError
+from fff_lightning.files import write_text
+
+#: An arm more than this far above the smallest arm's trainable count is flagged as off budget: the research's
+#: own step-2 pair (129.1M against 120.6M, +7.1%) is its "equal budget" comparison.
+OFF_BUDGET = 0.08
+
+INTERVAL_NOTE = (
+    "Intervals are 95%. An arm's interval is a Student-t interval over its seeds: how far another seed could move "
+    "its mean, not how the validation samples themselves vary. The difference's interval is a bootstrap over the "
+    "validation samples and the seed pairs together (where per-sample losses exist), widened to the t interval over "
+    "the seed pairs where that is wider (a bootstrap over 3 seeds alone is too narrow). It is per dataset: with "
+    "several datasets compared at once, about one interval in twenty can exclude 0 by chance alone."
+)
+
+
+def arms_of(runs: list[dict], compare: list[str] | None) -> dict[str, list[dict]]:
+    """Runs taken together: ``--compare NAME=GLOB ...`` (globs over the run folders' paths or names), else the
+    groups (each run's name without its ``-seed=<n>``)."""
+    arms: dict[str, list[dict]] = {}
+    if not compare:
+        for run in runs:
+            arms.setdefault(run["group"], []).append(run)
+        return arms
+    for spec in compare:
+        name, eq, pattern = spec.partition("=")
+        if not eq or not name or not pattern:
+            raise ConfigError(
+                "--compare",
+                f"give NAME=GLOB after the run folders, e.g. fff='logs/step2_seeds/fff-*'; got {spec!r}",
+            )
+        if name in arms:
+            raise ConfigError("--compare", f"the arm {name!r} is named twice")
+        arms[name] = [r for r in runs if fnmatch(r["path"], pattern) or fnmatch(r["name"], pattern)]
+        if not arms[name]:
+            raise ConfigError("--compare", f"{name}: no run among those given matches {pattern!r}")
+    return arms
+
+
+def _pairs(a: list[dict], b: list[dict]) -> tuple[list[tuple[dict, dict]], str]:
+    """Seed pairs: the same seed on both sides; arms that share no seed are paired in seed order."""
+    sa, sb = {r["seed"]: r for r in a}, {r["seed"]: r for r in b}
+    common = sorted(k for k in set(sa) & set(sb) if k is not None)
+    if common:
+        return [(sa[k], sb[k]) for k in common], "matched seeds"
+
+    def key(r):
+        return (r["seed"] is None, r["seed"] or 0)
+
+    pairs = list(zip(sorted(a, key=key), sorted(b, key=key), strict=False))
+    return pairs, "seeds paired in order (the arms share no seed)"
+
+
+def _loss(run: dict, dataset: str) -> float | None:
+    return next((r["loss"] for r in run["rows"] if r["dataset"] == dataset), None)
+
+
+def _sample_arrays(pairs, dataset: str):
+    """Per pair, ``(loss_sums, tokens)`` of each side over the samples every run scored; ``None`` (intervals over
+    seeds only) where a run has no per-sample file or the runs were validated on different samples."""
+    runs = [r for p in pairs for r in p]
+    tables = [(r["samples"] or {}).get(dataset) for r in runs]
+    if any(t is None for t in tables):
+        return None
+    ids = sorted(set.intersection(*(set(t) for t in tables)))
+    if not ids or any(len({t[i][0] for t in tables}) != 1 for i in ids):  # the same samples score the same tokens
+        return None
+    side = [([t[i][1] for i in ids], [t[i][0] for i in ids]) for t in tables]
+    return side[0::2], side[1::2]
+
+
+def comparison(arms: dict[str, list[dict]]) -> dict:
+    """Per dataset: each arm's mean over seeds with a t interval; for exactly two arms, the paired difference
+    A - B (a bootstrap over samples and seed pairs where per-sample losses exist) and the verdict."""
+    names = list(arms)
+    datasets: list[str] = []
+    for runs in arms.values():
+        for run in runs:
+            datasets += [r["dataset"] for r in run["rows"] if r["dataset"] not in datasets]
+    out: dict = {"arms": names, "datasets": datasets, "intervals": {}, "differences": {}, "notes": []}
+    for name, runs in arms.items():
+        for ds in datasets:
+            values = [v for v in (_loss(r, ds) for r in runs) if v is not None]
+            out["intervals"][(name, ds)] = stats.seed_interval(values) if values else None
+    if len(names) != 2:
+        out["notes"].append(f"no paired difference: it needs exactly two arms (here {len(names)}; see --compare)")
+        return out
+    pairs, how = _pairs(arms[names[0]], arms[names[1]])
+    out["notes"].append(f"{names[0]} - {names[1]} over {len(pairs)} seed pairs ({how})")
+    seeds_only = []
+    for ds in datasets:
+        arrays = _sample_arrays(pairs, ds)
+        if arrays is None:
+            seeds_only.append(ds)
+            a, b = [_loss(x, ds) for x, _ in pairs], [_loss(y, ds) for _, y in pairs]
+            if None in a or None in b:
+                continue
+            d = stats.paired_difference(a, b)
+        else:
+            d = stats.paired_difference(*arrays)
+        out["differences"][ds] = (d, stats.verdict(d, names[0], names[1]))
+    if seeds_only:
+        out["notes"].append(
+            f"intervals over seeds only for {', '.join(seeds_only)}: a run there has no per-sample losses "
+            "(validated before fff_lightning wrote them) or was validated on other samples"
+        )
+    return out
+
+
+def budget_notes(arms: dict[str, list[dict]]) -> dict[str, str]:
+    """Each arm's trainable count, flagged where it is over :data:`OFF_BUDGET` above the smallest arm's."""
+    counts = {n: next((r["trainable"] for r in runs if r.get("trainable")), None) for n, runs in arms.items()}
+    known = [c for c in counts.values() if c]
+    notes = {}
+    for n, c in counts.items():
+        if c is None:
+            notes[n] = "unknown (no adapter folder)"
+            continue
+        off = (c - min(known)) / min(known)
+        notes[n] = f"{c:,}" + (f" (OFF BUDGET: {off:+.1%} of the smallest arm)" if off > OFF_BUDGET else "")
+    return notes
+
+
+def write_comparison(
+    out: Path, arms: dict[str, list[dict]], result: dict, reference: dict[str, dict], reference_note: str
+) -> list[Path]:
+    """``comparison.md`` and ``comparison.json``: the arms' intervals per dataset, the difference and verdicts."""
+    names, datasets = result["arms"], result["datasets"]
+    budgets = budget_notes(arms)
+    columns = [f"{n} (n={len(arms[n])})" for n in names] + list(reference)
+    md = ["| dataset | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for ds in datasets:
+        cells = [(result["intervals"][(n, ds)].text() if result["intervals"][(n, ds)] else "") for n in names]
+        cells += [f"{ref[ds]:.3f} (one run)" if ds in ref else "" for ref in reference.values()]
+        md.append(f"| {ds} | " + " | ".join(cells) + " |")
+    md.append("| trainable parameters | " + " | ".join([budgets[n] for n in names] + [""] * len(reference)) + " |")
+    md += ["", "Mean validation loss over seeds [95% interval] (n = seeds); lower is better."]
+    if result["differences"]:
+        a, b = names
+        md += ["", f"| dataset | {a} - {b} | 95% interval | method | verdict |", "|---|---:|---|---|---|"]
+        for ds, (d, v) in result["differences"].items():
+            md.append(f"| {ds} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.method}, n={d.n} | {v} |")
+    md += ["", *result["notes"], "", INTERVAL_NOTE]
+    if reference:
+        md += ["", "The published figures are single runs (one seed each): they have no interval. " + reference_note]
+    write_text(out / "comparison.md", "\n".join(md) + "\n")
+    rows = [
+        {"dataset": ds, "arm": n, "mean": i.mean, "low": i.low, "high": i.high, "n": i.n}
+        for ds in datasets
+        for n in names
+        if (i := result["intervals"][(n, ds)])
+    ]
+    diffs = {
+        ds: {"difference": d.mean, "low": d.low, "high": d.high, "n": d.n, "method": d.method, "verdict": v}
+        for ds, (d, v) in result["differences"].items()
+    }
+    runs = {n: [r["name"] for r in arms[n]] for n in names}
+    data = {"arms": rows, "runs": runs, "budgets": budgets, "differences": diffs, "notes": result["notes"]}
+    write_text(out / "comparison.json", json.dumps(data, indent=2) + "\n")
+    return [out / "comparison.md", out / "comparison.json"]
+
+
+def print_comparison(result: dict) -> None:
+    for ds in result["datasets"]:
+        parts = [f"{n} {result['intervals'][(n, ds)].text()}" for n in result["arms"] if result["intervals"][(n, ds)]]
+        line = f"{ds}: " + "; ".join(parts)
+        if ds in result["differences"]:
+            d, v = result["differences"][ds]
+            line += f" -> {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {v}"
+        print(line)
+    for note in result["notes"]:
+        print(note)
+
+
+def plot_bars(out: Path, result: dict, reference: dict[str, dict], colours: dict) -> Path:
+    """Final validation loss per dataset: one bar per arm (its mean over seeds) with its 95% interval, and the
+    published single runs as hatched outlines."""
+    import matplotlib.pyplot as plt
+
+    names, datasets = result["arms"], result["datasets"]
+    columns = names + list(reference)
+    width = 0.8 / max(len(columns), 1)
+    fig, ax = plt.subplots(figsize=(max(10, 1.6 * len(datasets) + 0.3 * len(columns) + 4), 5.5))
+    for j, name in enumerate(columns):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(datasets))]
+        if name in reference:
+            ys = [reference[name].get(ds, 0) for ds in datasets]
+            hatch = "//" if "LoRA" in name else ".."
+            ax.bar(xs, ys, width, label=f"{name}, one run", color="white", edgecolor="black", hatch=hatch)
+            continue
+        iv = [result["intervals"][(name, ds)] for ds in datasets]
+        ys = [i.mean if i else 0 for i in iv]
+        low = [(i.mean - i.low) if i and i.n > 1 else 0 for i in iv]
+        high = [(i.high - i.mean) if i and i.n > 1 else 0 for i in iv]
+        n = max((i.n for i in iv if i), default=0)
+        label = f"{name} (mean of {n} seeds, 95% interval)"
+        ax.bar(xs, ys, width, yerr=[low, high], capsize=4, label=label, color=colours[name])
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels(datasets)
+    ax.set_title("Final validation loss per dataset: mean over seeds, 95% t interval")
+    ax.set_xlabel("dataset")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "final_val_loss.png", dpi=120)
+    plt.close(fig)
+    return out / "final_val_loss.png"
+
+
+def plot_difference(out: Path, result: dict) -> Path:
+    """The paired difference A - B per dataset with its 95% interval, against 0: the verdict, drawn."""
+    import matplotlib.pyplot as plt
+
+    a, b = result["arms"]
+    rows = list(result["differences"].items())
+    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.7 * len(rows)))
+    for y, (_, (d, verdict)) in enumerate(rows):
+        colour = "tab:blue" if d.high < 0 else "tab:red" if d.low > 0 else "tab:gray"
+        ax.errorbar(d.mean, y, xerr=[[d.mean - d.low], [d.high - d.mean]], fmt="o", color=colour, capsize=5)
+        ax.annotate(verdict, (d.high, y), xytext=(8, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([ds for ds, _ in rows])
+    ax.invert_yaxis()
+    title = f"A = {a}\nB = {b}\nA - B: paired difference in validation loss, 95% interval (left of 0: A lower)"
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_xlabel("A - B, cross-entropy loss (nats per token)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.35)
+    fig.tight_layout()
+    fig.savefig(out / "difference.png", dpi=120)
+    plt.close(fig)
+    return out / "difference.png"
+
+
+def plot_curves(out: Path, arms: dict[str, list[dict]], colours: dict) -> list[Path]:
+    """Training and validation loss per arm: the mean over seeds at each step every seed logged, and a band from
+    the lowest to the highest seed."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    files = []
+    for tag, title, fname in (
+        ("train/loss", "Training loss (mean over seeds, band: lowest to highest seed)", "train_loss.png"),
+        ("val/loss", "Validation loss (all datasets; mean over seeds, band: lowest to highest)", "val_loss.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(12, 5.5))
+        drawn = 0
+        for name, runs in arms.items():
+            series = [dict(r["curves"].get(tag, [])) for r in runs]
+            steps = sorted(set.intersection(*(set(s) for s in series))) if all(series) else []
+            if not steps:
+                continue
+            vals = np.array([[s[k] for k in steps] for s in series])  # (seeds, steps)
+            marker = "o" if len(steps) < 20 else None
+            label = f"{name} ({len(runs)} seeds)"
+            ax.plot(steps, vals.mean(0), label=label, color=colours[name], marker=marker, markersize=3)
+            ax.fill_between(steps, vals.min(0), vals.max(0), color=colours[name], alpha=0.2, linewidth=0)
+            if len(steps) < 3:  # a band over one or two steps is too thin to see: the same range as bars
+                spread = [vals.mean(0) - vals.min(0), vals.max(0) - vals.mean(0)]
+                ax.errorbar(steps, vals.mean(0), yerr=spread, fmt="none", color=colours[name], capsize=4)
+            drawn += 1
+        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy loss (nats per token)")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+        else:
+            ax.text(0.5, 0.5, f"no '{tag}' values logged", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        files.append(out / fname)
+    return files

@@ -84,8 +84,17 @@ def worst_step_tokens(datamodule) -> int:
     return datamodule.batch_size * datamodule.opts.max_seq_length
 
 
-def plan(base, adapters, shape, trainable: int, optimizer: str, tokens: int, cap_gib: float, backend: str,
-         dry_run: bool = False):
+def plan(
+    base,
+    adapters,
+    shape,
+    trainable: int,
+    optimizer: str,
+    tokens: int,
+    cap_gib: float,
+    backend: str,
+    dry_run: bool = False,
+):
     """The memory plan for a run whose cap is ``cap_gib`` (:mod:`fff_lightning.backends.memory_plan`); ``None``
     where the planner has no calibration for ``backend`` (only Unsloth has one; a ``dry_run`` plans ``auto`` as
     Unsloth). Nothing fits: one line that says what would."""

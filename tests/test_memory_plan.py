@@ -137,7 +137,9 @@ def test_budget_memory_dry_run(capsys):
 
     main(["budget", "--config", "step2", "--memory", "8"])
     line = capsys.readouterr().out.strip()
-    assert line.startswith("memory plan on a card of 8 GB (7.5 GiB usable), steps of up to 6,144 tokens: first 31 of 32")
+    assert line.startswith(
+        "memory plan on a card of 8 GB (7.5 GiB usable), steps of up to 6,144 tokens: first 31 of 32"
+    )
     assert "FFF stacks recomputed, predicted peak" in line
     main(["budget", "--config", "step2", "--memory", "6,8,141", "--json"])
     rows = json.loads(capsys.readouterr().out)

@@ -150,11 +150,7 @@ def peak_bytes(layout: Layout, tokens: int, k: int, recompute_fff: bool, cal: Ca
     fff_full = cal.fff * L.fff_sublayers * L.hidden * L.fff_dtype_bytes * tokens
     fff_in = cal.fff_kept * 2 * L.hidden * tokens  # a recomputed stack keeps its input (and its output)
     ckpt_in = 0.0 if cal.offloaded and L.lora else 2 * L.hidden * tokens
-    fixed = (
-        L.weight_bytes
-        + L.trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[L.optimizer])
-        + cal.fixed_gib * GIB
-    )
+    fixed = L.weight_bytes + L.trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[L.optimizer]) + cal.fixed_gib * GIB
     chunk_rows = max(1, int(LOSS_CHUNK_GIB * GIB / (4 * L.vocab)))
     loss = cal.loss * 4 * L.vocab * min(tokens, chunk_rows)
 
@@ -163,7 +159,9 @@ def peak_bytes(layout: Layout, tokens: int, k: int, recompute_fff: bool, cal: Ca
         fff = j in L.fff_layers
         if j < k:  # checkpointed: keeps its input (unless offloaded), rebuilds everything in backward
             kept.append(ckpt_in)
-            rebuilt = (cal.rebuild + cal.rebuild_lora * L.lora) * vec + (fff_full / FFF_CHUNKS if recompute_fff else fff_full) * fff
+            rebuilt = (cal.rebuild + cal.rebuild_lora * L.lora) * vec + (
+                fff_full / FFF_CHUNKS if recompute_fff else fff_full
+            ) * fff
             work.append(ckpt_in + rebuilt)
         else:
             keep = act + ((fff_in if recompute_fff else fff_full) if fff else 0.0)

@@ -73,7 +73,9 @@ def fit_case(
     del cli
     timed = monitor.records[opts.warmup : opts.steps]
     if len(timed) < opts.steps - opts.warmup:
-        print(f"[bench] warning: {len(timed)} timed steps, not {opts.steps - opts.warmup}: the data ran out", flush=True)
+        print(
+            f"[bench] warning: {len(timed)} timed steps, not {opts.steps - opts.warmup}: the data ran out", flush=True
+        )
     return {
         "tokens_per_s": statistics.median(t / d for d, t, _ in timed),
         "mean_tokens_per_s": sum(t for _, t, _ in timed) / sum(d for d, _, _ in timed),

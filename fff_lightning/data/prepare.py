@@ -11,7 +11,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fff_lightning.data.formatting import formatter, tokenize_sample
-from fff_lightning.data.sources import SourceConfig, check_json_lines, json_line_of, pick, resolve_path
+from fff_lightning.data.sources import (
+    LOCAL_SUFFIXES,
+    SourceConfig,
+    check_json_lines,
+    json_line_of,
+    pick,
+    resolve_path,
+)
 from fff_lightning.errors import ConfigError
 from fff_lightning.files import write_atomically
 
@@ -19,7 +26,7 @@ log = logging.getLogger(__name__)
 #: Bump when formatting or tokenization changes, so old caches are not reused.
 #: Cache entries this process wrote: the summary says "built" for them, not "hit", though setup reads them back.
 BUILT: set[str] = set()
-CACHE_VERSION = 2  # 2: the research's dialogue newlines, SentencePiece ids, eos and system_turns options
+CACHE_VERSION = 3  # 2: the research's dialogue newlines, SentencePiece ids, eos and system_turns options; 3: meta.json
 
 
 @dataclass
@@ -64,23 +71,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
-def _load_split(builder: str, hub_id: str | None, files: list[str] | None, split: str, src: SourceConfig):
+def _load_split(files: list[str], src: SourceConfig):
+    """One split's rows, read from its files (local files, or a hub split's files in the hub cache)."""
     import datasets
 
-    if builder == "hub":
-        try:
-            return datasets.load_dataset(hub_id, split=split)
-        except Exception as e:
-            raise ConfigError(
-                f"data.sources.{src.name}.path", f"cannot load {hub_id!r} split {split!r} ({type(e).__name__}: {e})"
-            ) from e
-    chosen = split_files(files, split)
-    for f in chosen:
+    kinds = {LOCAL_SUFFIXES[Path(f).suffix] for f in files}
+    if len(kinds) != 1:
+        raise ConfigError(f"data.sources.{src.name}.path", f"{src.path}: a split mixes json and parquet files")
+    for f in files:
         check_json_lines(f)
     try:
-        return datasets.load_dataset(builder, data_files=chosen, split="train")
+        return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
     except Exception as e:
-        raise ConfigError(f"data.sources.{src.name}.path", f"cannot read {chosen} ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"data.sources.{src.name}.path", f"cannot read {files} ({type(e).__name__}: {e})") from e
 
 
 def split_files(files: list[str], split: str) -> list[str]:
@@ -149,19 +152,69 @@ def _local_fingerprint(files: list[str]) -> list:
     return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 
+def _hub_fingerprint(split) -> list:
+    """A hub split's files by content: the cache's blob names are their hashes (a re-download keeps them)."""
+    return [split.repo, [(f.name, f.resolve().name, f.stat().st_size) for f in split.files]]
+
+
+def _read_cached(folder: Path | None, src: SourceConfig) -> Prepared | None:
+    """The cache entry in ``folder``, if it is complete and readable: no raw data is read on a hit."""
+    import datasets
+
+    if folder is None or not (folder / "done").exists():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        train = datasets.load_from_disk(str(folder / "train"))
+        val = datasets.load_from_disk(str(folder / "val")) if (folder / "val").exists() else None
+        for part in (train, val):  # read the last row of each: a truncated file fails here, not mid-training
+            if part is not None and len(part):
+                part[len(part) - 1]
+        hit = str(folder) not in BUILT
+        return Prepared(src, train, val, meta["train_rows"], meta["val_rows"], meta["seen"], from_cache=hit)
+    except Exception as e:  # a damaged entry (disk error, a file deleted by hand): say so, then rebuild it
+        log.warning("tokenized-data cache entry %s is damaged (%s): rebuilding it", folder, type(e).__name__)
+        return None
+
+
 def prepare_source(
     src: SourceConfig, tokenizer, opts: TextOptions, seed: int, cache_root: Path | None, num_proc: int | None
 ) -> Prepared:
-    """Everything for one source; reads the cache when the key matches, writes it atomically otherwise."""
+    """Everything for one source; reads the cache when the key matches (without reading the raw data), writes it
+    atomically otherwise."""
     import datasets
 
+    from fff_lightning.data import hub
+
     builder, hub_id, files = resolve_path(src)
-    train_raw = _load_split(builder, hub_id, files, src.train_split, src)
-    _check_columns(train_raw, src)
     same_split = src.val_split == src.train_split
+    splits = [src.train_split] + ([src.val_split] if src.val_split is not None and not same_split else [])
+    if builder == "hub":  # each split's files in the hub cache (downloaded first where the hub is reachable)
+        resolved = {s: hub.resolve(hub_id, s) for s in splits}
+        split_of = {s: [str(f) for f in r.files] for s, r in resolved.items()}
+        data = [_hub_fingerprint(r) for r in resolved.values()]
+    else:
+        split_of = {s: split_files(files, s) for s in splits}
+        data = _local_fingerprint(files)
+    key_data = {
+        "version": CACHE_VERSION,
+        "source": {k: v for k, v in asdict(src).items() if k not in ("repeat", "enabled", "name")},
+        "data": data,
+        "text": asdict(opts),
+        "seed": seed if "random" in (src.train_take, src.val_take) else None,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = cache_root / f"{src.name}-{key}" if cache_root else None
+    cached = _read_cached(folder, src)
+    if cached is not None:
+        return cached
+
+    train_raw = _load_split(split_of[src.train_split], src)
+    _check_columns(train_raw, src)
     val_raw = None
     if src.val_split is not None:
-        val_raw = train_raw if same_split else _load_split(builder, hub_id, files, src.val_split, src)
+        val_raw = train_raw if same_split else _load_split(split_of[src.val_split], src)
         _check_columns(val_raw, src)
 
     try:
@@ -174,38 +227,11 @@ def prepare_source(
     if val_raw is not None and not val_idx:
         raise ConfigError(f"data.sources.{src.name}.val_rows", f"selects no validation row from {src.path}")
     # Validation rows that are also training rows (ArtificialThinkerSet in the research) are allowed, but recorded.
-    same_rows = same_split or (
-        files is not None
-        and val_raw is not None
-        and split_files(files, src.train_split) == split_files(files, src.val_split)
-    )
+    same_rows = same_split or (val_raw is not None and split_of[src.train_split] == split_of[src.val_split])
     seen = bool(same_rows and set(train_idx) & set(val_idx))
 
-    key_data = {
-        "version": CACHE_VERSION,
-        "source": {k: v for k, v in asdict(src).items() if k not in ("repeat", "enabled", "name")},
-        "data": _local_fingerprint(files)
-        if files
-        else [hub_id, train_raw._fingerprint, getattr(val_raw, "_fingerprint", None)],
-        "text": asdict(opts),
-        "seed": seed if "random" in (src.train_take, src.val_take) else None,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    }
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    folder = cache_root / f"{src.name}-{key}" if cache_root else None
-    if folder is not None and (folder / "done").exists():
-        try:
-            train = datasets.load_from_disk(str(folder / "train"))
-            val = datasets.load_from_disk(str(folder / "val")) if (folder / "val").exists() else None
-            for part in (train, val):  # read the last row of each: a truncated file fails here, not mid-training
-                if part is not None and len(part):
-                    part[len(part) - 1]
-            return Prepared(src, train, val, len(train_idx), len(val_idx), seen, from_cache=str(folder) not in BUILT)
-        except Exception as e:  # a damaged entry (disk error, a file deleted by hand): say so, then rebuild it
-            log.warning("tokenized-data cache entry %s is damaged (%s): rebuilding it", folder, type(e).__name__)
-
-    def where(split: str, idx: list[int], raw_files):
-        one = split_files(raw_files, split) if raw_files else []
+    def where(split: str, idx: list[int]):
+        one = split_of[split]
         if len(one) == 1 and one[0].endswith(".jsonl"):
             return lambda i: f"{one[0]}, line {json_line_of(one[0], idx[i])}"
         return lambda i: f"{split} row {idx[i]}"
@@ -218,12 +244,10 @@ def prepare_source(
         num_proc,
         "train",
         key,
-        where(src.train_split, train_idx, files),
+        where(src.train_split, train_idx),
     )
     val = (
-        _tokenize(
-            val_raw.select(val_idx), src, tokenizer, opts, num_proc, "val", key, where(src.val_split, val_idx, files)
-        )
+        _tokenize(val_raw.select(val_idx), src, tokenizer, opts, num_proc, "val", key, where(src.val_split, val_idx))
         if val_raw is not None
         else None
     )
@@ -235,6 +259,8 @@ def prepare_source(
                 if val is not None:
                     val.save_to_disk(str(tmp / "val"))
             (tmp / "key.json").write_text(json.dumps(key_data, indent=2, default=str))
+            meta = {"train_rows": len(train_idx), "val_rows": len(val_idx), "seen": seen}
+            (tmp / "meta.json").write_text(json.dumps(meta))
             (tmp / "done").touch()
 
         write_atomically(folder, write, replace=True)  # a folder without "done" is a crashed write: replaced

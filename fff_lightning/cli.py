@@ -56,6 +56,10 @@ COMMANDS: dict[str, Command] = {
         "tokens/s and peak memory of fit against bare Unsloth/PEFT loops (GPU; a smoke test on CPU)",
         True,
     ),
+    "download": Command(
+        "fff_lightning.download",
+        "every hub file a run needs into the hub cache, to train offline later:  download --config <run.yaml>",
+    ),
     "configs": Command(
         "fff_lightning.config_files", "the shipped run configs (--config <name>), --copy <folder> to edit them"
     ),

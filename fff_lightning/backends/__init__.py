@@ -75,6 +75,10 @@ class Backend:
         """The base model as an adapter folder records it."""
         return base.name_or_path
 
+    def hub_model(self, base) -> str | None:
+        """The hub repository whose files :meth:`load` reads (what ``download`` fetches), or ``None``."""
+        return base.name_or_path
+
     def load(self, base, dtype):
         """``(model, tokenizer)``: the base model on this process's device, prepared for k-bit training."""
         raise NotImplementedError

@@ -66,6 +66,9 @@ class Tiny(HF):
     def model_name(self, base) -> str:
         return "tiny"
 
+    def hub_model(self, base) -> str | None:
+        return None  # built on this machine
+
     def model_path(self, base) -> str:
         return str(tiny_model_dir(base))
 

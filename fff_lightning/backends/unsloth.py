@@ -47,6 +47,9 @@ class Unsloth(Backend):
             max_seq_length=base.max_seq_length,
             dtype=dtype,
             load_in_4bit=base.load_in_4bit,
+            # the repository named, as `hf` loads it and `download` fetches it (Unsloth would otherwise swap a
+            # known id for its own pre-quantized copy, e.g. unsloth/mistral-7b-bnb-4bit, absent from an offline cache)
+            use_exact_model_name=True,
             **device_map(),
         )
         if base.tokenizer:

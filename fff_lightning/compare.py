@@ -9,6 +9,7 @@ An *arm* is a set of runs that differ only in their seed: by default the runs wh
 from __future__ import annotations
 
 import json
+import math
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -32,14 +33,14 @@ INTERVAL_NOTE = (
 
 
 def arms_of(runs: list[dict], compare: list[str] | None) -> dict[str, list[dict]]:
-    """Runs taken together: ``--compare NAME=GLOB ...`` (globs over the run folders' paths or names), else the
-    groups (each run's name without its ``-seed=<n>``)."""
+    """Runs taken together: ``--compare NAME=GLOB ...`` (``*`` and ``?`` over the run folders' paths or names;
+    brackets are literal, as in run names like ``lora-[32]-2-...``), else the groups (each run's name without its
+    ``-seed=<n>``). A run in two arms, or two runs of one seed in an arm, is refused: an arm is one run per seed."""
     arms: dict[str, list[dict]] = {}
     if not compare:
         for run in runs:
             arms.setdefault(run["group"], []).append(run)
-        return arms
-    for spec in compare:
+    for spec in compare or []:
         name, eq, pattern = spec.partition("=")
         if not eq or not name or not pattern:
             raise ConfigError(
@@ -48,9 +49,29 @@ def arms_of(runs: list[dict], compare: list[str] | None) -> dict[str, list[dict]
             )
         if name in arms:
             raise ConfigError("--compare", f"the arm {name!r} is named twice")
-        arms[name] = [r for r in runs if fnmatch(r["path"], pattern) or fnmatch(r["name"], pattern)]
+        literal = pattern.replace("[", "[[]")
+        arms[name] = [r for r in runs if fnmatch(r["path"], literal) or fnmatch(r["name"], literal)]
         if not arms[name]:
             raise ConfigError("--compare", f"{name}: no run among those given matches {pattern!r}")
+    owner: dict[str, str] = {}
+    for name, members in arms.items():
+        for r in members:
+            if r["path"] in owner:
+                raise ConfigError(
+                    "--compare", f"{r['path']} is in two arms ({owner[r['path']]} and {name}): make the globs disjoint"
+                )
+            owner[r["path"]] = name
+    for name, members in arms.items():
+        seeds: dict = {}
+        for r in members:
+            if r["seed"] in seeds:
+                raise ConfigError(
+                    "--compare" if compare else "report",
+                    f"arm {name!r} has two runs of seed {r['seed']} ({seeds[r['seed']]} and {r['path']}): an arm is "
+                    "one run per seed"
+                    + ("" if compare else " (runs of the same name in two experiments? name the arms with --compare)"),
+                )
+            seeds[r["seed"]] = r["path"]
     return arms
 
 
@@ -69,6 +90,12 @@ def _pairs(a: list[dict], b: list[dict]) -> tuple[list[tuple[dict, dict]], str]:
 
 
 def _loss(run: dict, dataset: str) -> float | None:
+    """A run's loss on a dataset: token-weighted from its per-sample file where it has one (the same definition as
+    the paired difference, whatever the table's ``val_reduction``), else its table's."""
+    samples = (run["samples"] or {}).get(dataset)
+    if samples:
+        tokens = sum(n for n, _ in samples.values())
+        return sum(v for _, v in samples.values()) / tokens if tokens else float("nan")
     return next((r["loss"] for r in run["rows"] if r["dataset"] == dataset), None)
 
 
@@ -95,6 +122,13 @@ def comparison(arms: dict[str, list[dict]]) -> dict:
         for run in runs:
             datasets += [r["dataset"] for r in run["rows"] if r["dataset"] not in datasets]
     out: dict = {"arms": names, "datasets": datasets, "intervals": {}, "differences": {}, "notes": []}
+    batch_means = sorted({r["name"] for runs in arms.values() for r in runs for row in r["rows"]
+                          if row.get("reduction") == "batches" and r["samples"]})  # fmt: skip
+    if batch_means:
+        out["notes"].append(
+            f"losses here are token-weighted, from the per-sample files; the tables of {', '.join(batch_means)} are "
+            "batch means (val_reduction: batches) and differ from them"
+        )
     for name, runs in arms.items():
         for ds in datasets:
             values = [v for v in (_loss(r, ds) for r in runs) if v is not None]
@@ -117,10 +151,11 @@ def comparison(arms: dict[str, list[dict]]) -> dict:
             d = stats.paired_difference(*arrays)
         out["differences"][ds] = (d, stats.verdict(d, names[0], names[1]))
     if seeds_only:
-        out["notes"].append(
-            f"intervals over seeds only for {', '.join(seeds_only)}: a run there has no per-sample losses "
-            "(validated before fff_lightning wrote them) or was validated on other samples"
-        )
+        lacking = sorted({r["name"] for p in pairs for r in p if not r["samples"]})
+        why = "the runs were validated on different samples"
+        if lacking:
+            why = f"no per-sample losses in {', '.join(lacking)} (validated before fff_lightning wrote them)"
+        out["notes"].append(f"intervals over seeds only for {', '.join(seeds_only)}: {why}")
     return out
 
 
@@ -173,8 +208,19 @@ def write_comparison(
     }
     runs = {n: [r["name"] for r in arms[n]] for n in names}
     data = {"arms": rows, "runs": runs, "budgets": budgets, "differences": diffs, "notes": result["notes"]}
-    write_text(out / "comparison.json", json.dumps(data, indent=2) + "\n")
+    write_text(out / "comparison.json", json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     return [out / "comparison.md", out / "comparison.json"]
+
+
+def _finite(x):
+    """``x`` with every NaN or infinity as ``None`` (JSON has no NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def print_comparison(result: dict) -> None:

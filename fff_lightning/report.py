@@ -68,7 +68,7 @@ def read_run(folder: Path) -> dict:
     run = {"name": folder.name, "rows": check_rows(table, rows), "curves": read_curves(folder)}
     entry = sweep_entries(folder.parent).get(folder.name, {})
     m = _SEED.search(folder.name)
-    run["seed"] = entry.get("seed", int(m.group(1)) if m else None)
+    run["seed"] = entry.get("seed", int(m.group(1)) if m else _config_seed(folder))
     run["group"] = entry.get("group") or (folder.name[: m.start()] if m else folder.name)
     run["trainable"] = entry.get("trainable") or _trainable(folder / "adapter")
     run["samples"] = read_samples(folder)
@@ -85,6 +85,19 @@ def sweep_entries(experiment: Path) -> dict[str, dict]:
     except (OSError, ValueError, RecursionError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def _config_seed(folder: Path) -> int | None:
+    """``model.seed`` of a run's saved ``config.yaml`` (a plain ``fit``), or ``None``."""
+    import yaml
+
+    try:
+        if (folder / "config.yaml").stat().st_size > 1 << 20:
+            return None
+        seed = yaml.safe_load((folder / "config.yaml").read_text())["model"]["seed"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def _trainable(adapter: Path) -> int | None:
@@ -295,7 +308,7 @@ def pick_runs(paths: list[Path]) -> list[Path]:
         if p.parent not in failed_in_sweep:
             entries = sweep_entries(p.parent)
             failed_in_sweep[p.parent] = {n for n, e in entries.items() if e.get("state") == "failed"}
-        if p.name in failed_in_sweep[p.parent] and not (p / "validation.json").is_file():
+        if p.name in failed_in_sweep[p.parent]:  # its table, if any, is not a result (diverged, or cut short)
             notes.append(f"{p.name} (failed in the sweep)")
             continue
         runs.append(p)
@@ -321,10 +334,10 @@ def main(argv: list[str]) -> None:
         "fff='logs/step2_seeds/fff-*' lora='logs/step2_seeds/lora-*'); default: runs that differ only in their "
         "seed (-seed=<n>) are one arm",
     )
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.compare:  # `--compare a=X b=Y <folders>`: the folders after it are runs, not arms
-        args.runs += [c for c in args.compare if Path(c).exists()]
-        args.compare = [c for c in args.compare if not Path(c).exists()] or None
+        args.runs += [c for c in args.compare if Path(c).exists() or "=" not in c]
+        args.compare = [c for c in args.compare if not (Path(c).exists() or "=" not in c)] or None
     if not args.runs:
         p.error("give the run folders to report on, e.g. logs/step2_seeds/*")
     import matplotlib

@@ -81,8 +81,12 @@ def paired_difference(a: list, b: list, level: float = LEVEL, rng_seed: int = 0)
 
 
 def verdict(d: Interval, a: str = "A", b: str = "B") -> str:
-    if not (np.isfinite(d.low) and np.isfinite(d.high)):
-        return "no interval (one seed pair, no per-sample losses)"
+    """``A lower``, ``B lower`` or ``no resolvable difference (95%)``; no verdict from one seed pair (another seed
+    can reverse what one pair shows) or from a loss that is not finite."""
+    if not np.isfinite(d.mean):
+        return "no verdict: a loss is not finite (a run diverged)"
+    if d.n < 2:
+        return "no verdict: one seed pair (another seed may reverse it; run more seeds)"
     if d.high < 0:
         return f"{a} lower"
     if d.low > 0:

@@ -117,8 +117,6 @@ def load_grid(path: str | Path) -> Grid:
     if not isinstance(spec["configs"], list):
         raise ConfigError("sweep.configs", f"must be a list of run configs; got {spec['configs']!r}")
     grid = Grid(**spec)
-    if not isinstance(grid.grid, dict) or not (grid.grid or grid.seeds or grid.arms):
-        raise ConfigError("sweep.grid", "give at least one setting with a list of values (or seeds, or arms)")
     grid.seeds = _seeds(grid.seeds, "sweep.seeds")
     if not isinstance(grid.seed_data, bool):
         raise ConfigError("sweep.seed_data", f"must be true or false; got {grid.seed_data!r}")
@@ -137,25 +135,44 @@ def load_grid(path: str | Path) -> Grid:
             if not isinstance(arm.get("set", {}), dict):
                 raise ConfigError(f"sweep.arms.{name}.set", "must be a mapping of dotted keys to values")
             arm["seeds"] = _seeds(arm.get("seeds"), f"sweep.arms.{name}.seeds")
-            arm["configs"] = [_relative(c, path) for c in configs] if configs else None
+            arm["configs"] = [_config(c, path, f"sweep.arms.{name}.configs") for c in configs] if configs else None
             grid.arms[name] = arm
+    if not isinstance(grid.grid, dict) or not (grid.grid or grid.seeds or grid.arms):
+        raise ConfigError("sweep.grid", "give at least one setting with a list of values (or seeds, or arms)")
     for key, values in grid.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid.{key}", f"must be a non-empty list of values; got {values!r}")
     if grid.baselines is not None and grid.baselines not in BASELINES:
         raise ConfigError("sweep.baselines", f"unknown value {grid.baselines!r}; allowed: {', '.join(BASELINES)}")
+    _check_seed_keys(grid)
     # Config paths are relative to the grid file, as `fit`'s budget targets are to theirs.
-    grid.configs = [_relative(c, path) for c in grid.configs]
-    for c in grid.configs + [c for a in (grid.arms or {}).values() for c in a["configs"] or []]:
-        if not Path(c).is_file():
-            raise ConfigError("sweep.configs", f"no such run config: {c}")
+    grid.configs = [_config(c, path, "sweep.configs") for c in grid.configs]
     return grid
 
 
-def _relative(config: str, grid_file: Path) -> str:
-    """A run config named in a grid: a path relative to the grid file, else a shipped config's name."""
+def _check_seed_keys(grid: Grid) -> None:
+    """With ``seeds``, the seed options are the sweep's: a ``model.seed`` (or, with ``seed_data``, a ``data.seed``)
+    set by hand as well would be overridden, training the same run twice under two names."""
+    seeded = grid.seeds or any(a.get("seeds") for a in (grid.arms or {}).values())
+    if not seeded:
+        return
+    keys = {"model.seed"} | ({"data.seed"} if grid.seed_data else set())
+    places = {"sweep.grid": grid.grid, "sweep.set": grid.set}
+    places |= {f"sweep.arms.{n}.set": a.get("set") or {} for n, a in (grid.arms or {}).items()}
+    for where, settings in places.items():
+        clash = sorted(keys & set(settings))
+        if clash:
+            raise ConfigError(f"{where}.{clash[0]}", "is set by `seeds:` in this grid: give the seeds there only")
+
+
+def _config(config: str, grid_file: Path, field: str) -> str:
+    """A run config named in a grid, as an absolute path (so a rerun from another folder is the same run): a path
+    relative to the grid file, else a shipped config's name."""
     local = Path(config) if Path(config).is_absolute() else grid_file.parent / config
-    return str(config_files.shipped(config) if not local.exists() and config_files.shipped(config) else local)
+    found = local if local.is_file() else config_files.shipped(config)
+    if found is None:
+        raise ConfigError(field, f"no such run config: {local}")
+    return str(Path(found).resolve())
 
 
 def _seeds(seeds, field: str) -> list[int] | None:
@@ -223,7 +240,9 @@ def expand(grid: Grid) -> list[Run]:
                 runs.append(Run(name, overrides, trainable=trainable, error=error, configs=configs, seed=seed,
                                 group=group, arm=arm_name))  # fmt: skip
                 if grid.baselines == "lora_rank" and module.adapters.fff is not None:
-                    runs.append(_baseline(module, settings, shared + arm_set, name, trainable, seeded, seed, configs))
+                    runs.append(
+                        _baseline(module, settings, shared + arm_set, name, trainable, seeded, seed, configs, prefix)
+                    )
     unique: dict[str, Run] = {}
     for r in runs:
         if r.name in unique and not (r.baseline_of or unique[r.name].baseline_of):
@@ -233,7 +252,7 @@ def expand(grid: Grid) -> list[Run]:
 
 
 def _baseline(module, settings: dict, shared: list[str], of: str, target: int | None, seeded: list[str],
-              seed: int | None, configs: list[str]) -> Run:  # fmt: skip
+              seed: int | None, configs: list[str], prefix: str = "") -> Run:  # fmt: skip
     """The LoRA-only run (the run's LoRA modules and layers, or all seven of every layer) closest in budget."""
     from fff_lightning.budget import match_lora_rank
 
@@ -247,7 +266,7 @@ def _baseline(module, settings: dict, shared: list[str], of: str, target: int | 
     other = {k: v for k, v in settings.items() if not k.startswith(ADAPTER_KEYS)}
     overrides = [*shared, *(_flag(k, v) for k, v in other.items()), "--model.fff=null", _flag("model.lora", lora),
                  *seeded]  # fmt: skip
-    group = f"lora-r{r}{_suffix(other)}"
+    group = f"{prefix}lora-r{r}{_suffix(other)}"  # an arm's baseline is that arm's
     name = group + (f"-seed={seed}" if seed is not None else "")
     return Run(name, overrides, baseline_of=of, trainable=match.budget.trainable, configs=configs, seed=seed,
                group=group)  # fmt: skip

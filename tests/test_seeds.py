@@ -131,6 +131,10 @@ def test_a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only
     cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp), "--dry-run"]
     listed = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300).stdout
     assert listed.count("-seed=") == 9 and listed.count("(finished: skipped)") == 8
+    # the same grid by another path, from another folder: the same runs, still finished
+    other = subprocess.run([*cmd[:4], "--config", grid.name, *cmd[6:]], capture_output=True, text=True, env=ENV,
+                           timeout=300, cwd=grid.parent)  # fmt: skip
+    assert other.stdout.count("(finished: skipped)") == 8, other.stdout + other.stderr
     again = subprocess.run(cmd[:-1] + ["--quiet"], capture_output=True, text=True, env=ENV, timeout=600)
     assert "9 runs, 8 already finished, 1 to run" in again.stdout  # only the failed seed runs again (and fails)
 
@@ -173,3 +177,97 @@ def test_grids_name_shipped_configs_and_arms_may_bring_their_own(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_grid(path)
         assert e.value.field == field, (bad, e.value)
+
+
+def _run(path: str, seed, loss=0.5, samples=None) -> dict:
+    rows = [{"dataset": "d", "loss": loss, "reduction": "tokens"}]
+    return {"path": path, "name": path.rsplit("/", 1)[-1], "seed": seed, "group": "g", "rows": rows,
+            "samples": samples, "trainable": None, "curves": {}}  # fmt: skip
+
+
+def test_arms_are_one_run_per_seed_disjoint_and_globs_take_brackets_literally():
+    from fff_lightning.compare import arms_of
+    from fff_lightning.errors import ConfigError
+
+    runs = [_run(f"logs/e/fff-lora-[32]-2-seed={s}", s) for s in (1, 2)] + [
+        _run(f"logs/e/lora-r8-seed={s}", s) for s in (1, 2)
+    ]
+    arms = arms_of(runs, ["fff=fff-lora-[32]-2-*", "lora=lora-r8-*"])
+    assert [len(v) for v in arms.values()] == [2, 2]
+    with pytest.raises(ConfigError, match="is in two arms"):
+        arms_of(runs, ["all=*", "lora=*lora-r8*"])
+    with pytest.raises(ConfigError, match="two runs of seed 1"):
+        arms_of(runs + [_run("logs/other/lora-r8-seed=1", 1)], ["a=*fff*", "b=*r8*"])
+    same_names = [_run("logs/e1/x-seed=1", 1), _run("logs/e2/x-seed=1", 1)]
+    with pytest.raises(ConfigError, match="name the arms with --compare"):
+        arms_of(same_names, None)
+
+
+def test_one_seed_pair_or_a_diverged_run_gives_no_verdict_and_json_has_no_nan(tmp_path):
+    from fff_lightning.compare import comparison, write_comparison
+
+    tokens = np.full(50, 10)
+    one = {"d": {i: (10, 0.5 * 10) for i in range(50)}}
+    lower = {"d": {i: (10, 0.4 * 10) for i in range(50)}}
+    arms = {"a": [_run("a/r-seed=1", 1, samples=lower)], "b": [_run("b/r-seed=1", 1, samples=one)]}
+    d, verdict = comparison(arms)["differences"]["d"]
+    assert d.n == 1 and verdict.startswith("no verdict: one seed pair") and d.high < 0  # the interval is still shown
+    assert tokens.sum() == 500
+    nan = {
+        "a": [_run("a/r-seed=1", 1, loss=float("nan")), _run("a/r-seed=2", 2)],
+        "b": [_run("b/r-seed=1", 1), _run("b/r-seed=2", 2)],
+    }
+    result = comparison(nan)
+    assert result["differences"]["d"][1].startswith("no verdict: a loss is not finite")
+    write_comparison(tmp_path, nan, result, {}, "")
+    assert "NaN" not in (tmp_path / "comparison.json").read_text()
+    json.loads((tmp_path / "comparison.json").read_text())
+
+
+def test_a_table_of_batch_means_is_not_mixed_with_token_weighted_differences():
+    from fff_lightning.compare import comparison
+
+    samples = {"d": {0: (10, 2.0), 1: (30, 3.0)}}  # token-weighted: 5 / 40 = 0.125
+    runs = {n: [_run(f"{n}/r-seed={s}", s, loss=0.9, samples=samples) for s in (1, 2)] for n in ("a", "b")}
+    for arm in runs.values():
+        for r in arm:
+            r["rows"][0]["reduction"] = "batches"
+    result = comparison(runs)
+    assert result["intervals"][("a", "d")].mean == pytest.approx(0.125)
+    assert any("batch means" in n for n in result["notes"])
+
+
+def test_a_run_the_sweep_recorded_as_failed_is_left_out_even_with_a_table(tmp_path, capsys):
+    from fff_lightning.report import pick_runs
+
+    for name in ("ok-seed=1", "bad-seed=1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "validation.json").write_text("[]")
+    (tmp_path / "sweep.json").write_text(
+        json.dumps({"bad-seed=1": {"state": "failed"}, "ok-seed=1": {"state": "done"}})
+    )
+    assert pick_runs(sorted(tmp_path.iterdir())) == [tmp_path / "ok-seed=1"]
+    assert "bad-seed=1 (failed in the sweep)" in capsys.readouterr().err
+
+
+def test_a_grid_refuses_seeds_set_by_hand_beside_seeds_and_gives_each_arm_its_baseline(tmp_path):
+    from fff_lightning.errors import ConfigError
+    from fff_lightning.sweep import expand, load_grid
+
+    path = tmp_path / "grid.yaml"
+    for bad, field in (
+        ({"grid": {"model.seed": [1, 2]}}, "sweep.grid.model.seed"),
+        ({"set": {"model.seed": 3}}, "sweep.set.model.seed"),
+        ({"arms": {"a": {"set": {"model.seed": 3}}}}, "sweep.arms.a.set.model.seed"),
+    ):
+        path.write_text(yaml.safe_dump({"sweep": {"experiment": "x", "configs": ["quickstart"], "seeds": [1], **bad}}))
+        with pytest.raises(ConfigError) as e:
+            load_grid(path)
+        assert e.value.field == field
+    arms = {"hi": {"set": {"model.lr": 0.01}}, "lo": {"set": {"model.lr": 0.0001}}}
+    grid = {"experiment": "x", "configs": ["quickstart"], "seeds": [1], "arms": arms, "baselines": "lora_rank"}
+    path.write_text(yaml.safe_dump({"sweep": grid}))
+    runs = expand(load_grid(path))
+    baselines = {r.name: r for r in runs if r.baseline_of}
+    assert sorted(baselines) == ["hi-lora-r14-seed=1", "lo-lora-r14-seed=1"]
+    assert "--model.lr=0.0001" in baselines["lo-lora-r14-seed=1"].overrides

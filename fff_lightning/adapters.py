@@ -39,8 +39,10 @@ def is_adapter(name: str) -> bool:
 
 
 def canonical_name(name: str) -> str:
-    """A parameter name without PEFT's wrapper prefix, so files match with or without LoRA on top."""
-    return name.removeprefix(_PEFT_PREFIX)
+    """A parameter name without PEFT's wrapper prefix, so files match with or without LoRA on top, and with a
+    multimodal model's language model named as the text-only model (Gemma 3: ``model.language_model.layers`` ->
+    ``model.layers``), so its adapters match the counts and files of its language model's config."""
+    return name.removeprefix(_PEFT_PREFIX).replace("model.language_model.", "model.", 1)
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:

@@ -162,9 +162,10 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a (possibly PEFT-wrapped) Mistral/Llama causal LM."""
+    """The decoder layers of a (possibly PEFT-wrapped) causal LM of :data:`~fff_lightning.architectures.SUPPORTED`."""
     inner = model
-    for attr in ("base_model", "model"):  # PeftModel -> LoraModel -> CausalLM -> MistralModel
+    # PeftModel -> LoraModel -> CausalLM -> MistralModel; a multimodal model's language model (Gemma 3)
+    for attr in ("base_model", "model", "language_model"):
         while hasattr(inner, attr) and not hasattr(inner, "layers"):
             nxt = getattr(inner, attr)
             if nxt is inner:

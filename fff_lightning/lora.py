@@ -21,7 +21,10 @@ def target_regex(cfg: LoRAConfig, n_layers: int) -> str:
     idx = parse_layers(cfg.layers, n_layers, "model.lora.layers")
     layer_alt = r"\d+" if len(idx) == n_layers else "|".join(map(str, idx))
     blocks = sorted({_BLOCK_OF[m] for m in cfg.target_modules})
-    return rf".*\.layers\.({layer_alt})\.({'|'.join(blocks)})\.({'|'.join(cfg.target_modules)})(\.{INNER})?$"
+    # never a vision tower's layers (a multimodal model's encoder names its attention projections alike)
+    return (
+        rf"(?!.*vision).*\.layers\.({layer_alt})\.({'|'.join(blocks)})\.({'|'.join(cfg.target_modules)})(\.{INNER})?$"
+    )
 
 
 def peft_kwargs(cfg: LoRAConfig, n_layers: int, wrapped: list[str]) -> dict:

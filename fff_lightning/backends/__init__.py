@@ -50,22 +50,30 @@ class Backend:
         """Refuse, in one line, a backend this machine cannot run."""
 
     def shape(self, base):
-        """The base model's ``transformers`` config, without loading or downloading any weight."""
+        """The base model's ``transformers`` config (its language model's, for a multimodal one), without loading
+        or downloading any weight; architectures FFF cannot wrap are refused here, in one line."""
         from transformers import AutoConfig, MistralConfig
+
+        from fff_lightning import architectures
 
         path = base.name_or_path
         if Path(path).is_dir():
-            return AutoConfig.from_pretrained(path)
-        if path.lower() in KNOWN_7B:
-            return MistralConfig()  # its defaults are Mistral-7B-v0.1's shape
-        try:
-            return AutoConfig.from_pretrained(path)
-        except Exception as e:  # no network, unknown id, gated repo...
-            raise ConfigError(
-                "model.base.name_or_path",
-                f"cannot read the config of {path!r} ({type(e).__name__}); give a local folder or a known id such "
-                f"as {MISTRAL_7B}",
-            ) from e
+            config = AutoConfig.from_pretrained(path)
+        elif (known := architectures.known_shape(path)) is not None:
+            config = known
+        elif path.lower() in KNOWN_7B:
+            config = MistralConfig()  # its defaults are Mistral-7B-v0.1's shape
+        else:
+            try:
+                config = AutoConfig.from_pretrained(path)  # the hub cache, or the hub
+            except Exception as e:  # no network, unknown id, gated repo...
+                known = ", ".join(sorted(architectures.SHAPES))
+                raise ConfigError(
+                    "model.base.name_or_path",
+                    f"cannot read the config of {path!r} ({type(e).__name__}); give a local folder, download it "
+                    f"(`python -m fff_lightning download`), or a known id: {known}",
+                ) from e
+        return architectures.language_model(config, path)
 
     def tokenizer_source(self, name_or_path: str) -> str | None:
         """Where the data's tokenizer comes from when the config names none (``None``: the offline Mistral one)."""

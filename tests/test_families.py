@@ -114,3 +114,21 @@ def test_architectures_fff_cannot_wrap_are_refused_in_one_line_before_loading(mo
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
     with pytest.raises(ConfigError, match="supported: mistral, llama"):
         architectures.language_model(AutoConfig.for_model(model_type, **{**TINY, **extra}))
+
+
+@pytest.mark.slow
+def test_the_llama3_configs_chat_format_trains_with_the_loss_on_the_answers(models, tmp_path):
+    from fff_lightning.lightning_cli import run_lightning
+    from fff_lightning.run_config import describe_run
+
+    template = describe_run("llama3_step2").datamodule.opts.chat_template
+    assert "<|start_header_id|>" in template
+    args = ["--model.base.backend", "hf", "--model.base.name_or_path", str(models["llama"])]
+    args += ["--model.base.load_in_4bit", "false", "--data.text_style", "chat_template", "--data.loss_on", "assistant"]
+    cli = run_lightning(quick_args(tmp_path, *args, f"--data.chat_template={template}", steps=4))
+    got = losses(Path(cli.trainer.log_dir))
+    assert len(got) == 4 and all(v == v for v in got.values())
+    rows = cli.datamodule.train_set
+    sample = rows[0]
+    scored = sum(1 for t in sample["labels"] if t != -100)
+    assert 0 < scored < len(sample["input_ids"])  # the answers only

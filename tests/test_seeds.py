@@ -271,3 +271,22 @@ def test_a_grid_refuses_seeds_set_by_hand_beside_seeds_and_gives_each_arm_its_ba
     baselines = {r.name: r for r in runs if r.baseline_of}
     assert sorted(baselines) == ["hi-lora-r14-seed=1", "lo-lora-r14-seed=1"]
     assert "--model.lr=0.0001" in baselines["lo-lora-r14-seed=1"].overrides
+
+
+def test_per_sample_losses_are_the_same_in_slices_of_positions(trained_run, monkeypatch):
+    """A large vocabulary is scored a slice of positions at a time: the sums do not depend on the slice."""
+    import torch
+
+    from fff_lightning import module as module_file
+
+    module = trained_run.module
+    ids = torch.randint(3, 1000, (2, 40))
+    labels = ids.clone()
+    labels[1, 30:] = -100  # a shorter row, padded
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": (labels != -100).long()}
+    with torch.no_grad():
+        whole = module.sample_losses(batch)
+        monkeypatch.setattr(module_file, "SAMPLE_LOSS_CHUNK", 7 * 32000)  # 7 positions a slice
+        sliced = module.sample_losses(batch)
+    assert torch.equal(whole[1], sliced[1]) and whole[1].tolist() == [39, 29]
+    assert torch.allclose(whole[0], sliced[0], rtol=1e-6)

@@ -40,7 +40,11 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", "-c", action="append", required=True, help="a run config, as `fit` takes it")
-    p.add_argument("--dry-run", action="store_true", help="list the files, their sizes and what is cached; stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the files, their sizes and what is cached; stop (with HF_HUB_OFFLINE=1: check the cache alone)",
+    )
     p.epilog = "Any other option overrides the configs as it does for `fit`, e.g. --model.base.name_or_path <id>."
     return p
 
@@ -49,36 +53,43 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-def _model_files(api, repo: str) -> tuple[list[tuple[str, int | None]], str]:
+def _blob(sibling) -> str | None:
+    """The name a file's content has in the hub cache's ``blobs/``: its LFS sha256, else its git blob id."""
+    lfs = getattr(sibling, "lfs", None)
+    sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+    return sha or getattr(sibling, "blob_id", None)
+
+
+def _cached(repo: str, kind: str, sibling) -> bool:
+    """Whether the cache holds this file's content (under any commit: the same blob is not fetched again)."""
+    from fff_lightning.data import hub
+
+    blob = _blob(sibling)
+    root = Path(hub.cache()) / f"{kind}s--{repo.replace('/', '--')}" / "blobs"
+    if blob:
+        return (root / blob).is_file()
+    snap = hub.snapshot(repo, kind)
+    return snap is not None and (snap / sibling.rfilename).is_file()
+
+
+def _model_files(api, repo: str) -> list:
     from fnmatch import fnmatch
 
-    info = api.model_info(repo, files_metadata=True)
-    files = [(s.rfilename, s.size) for s in info.siblings or []]
-    keep = [
-        (f, n)
-        for f, n in files
-        if any(fnmatch(f, p) for p in MODEL_FILES) and not any(fnmatch(f, p) for p in MODEL_SKIP)
-    ]
-    return keep, info.sha
-
-
-def plan(described) -> tuple[list[Item], list[str]]:
-    """What the run needs from the hub (with sizes, from the hub's listing) and notes on what needs nothing."""
-    from huggingface_hub import HfApi, try_to_load_from_cache
-
-    from fff_lightning import backends
     from fff_lightning.data import hub
-    from fff_lightning.data.sources import resolve_path
 
-    api = HfApi()
-    items: list[Item] = []
-    notes: list[str] = []
+    info = api.model_info(repo, files_metadata=True, timeout=hub.TIMEOUT)
+    return [
+        s
+        for s in info.siblings or []
+        if any(fnmatch(s.rfilename, p) for p in MODEL_FILES) and not any(fnmatch(s.rfilename, p) for p in MODEL_SKIP)
+    ]
+
+
+def _model_repos(described, notes: list[str]) -> dict[str, str]:
+    """``{hub id: what it is for}`` of the base model and tokenizer; local ones and the tiny model noted."""
+    from fff_lightning import backends
+
     model, dm = described.model, described.datamodule
-
-    def cached(repo: str, path: str, kind: str, revision: str) -> bool:
-        got = try_to_load_from_cache(repo, path, cache_dir=hub.cache(), revision=revision, repo_type=kind)
-        return isinstance(got, str)
-
     repos = {}
     weights = backends.get(model.base.backend).hub_model(model.base)
     if weights is None:
@@ -90,24 +101,74 @@ def plan(described) -> tuple[list[Item], list[str]]:
     tokenizer = dm.tokenizer_name
     if _is_hub_id(tokenizer) and tokenizer not in repos:
         repos[tokenizer] = "the tokenizer"
-    for repo, why in repos.items():
-        files, sha = _model_files(api, repo)
-        items += [Item(repo, "model", f, n, cached(repo, f, "model", sha), why) for f, n in files]
-    for src in dm.sources:
+    return repos
+
+
+def _hub_sources(described, notes: list[str]) -> list:
+    from fff_lightning.data.sources import resolve_path
+
+    out = []
+    for src in described.datamodule.sources:
         builder, hub_id, _ = resolve_path(src)
         if builder != "hub":
             notes.append(f"{src.name}: {src.path} is local: nothing to download")
-            continue
-        info = api.dataset_info(hub_id, files_metadata=True)
-        sizes = {s.rfilename: s.size for s in info.siblings or []}
+        else:
+            out.append((src, hub_id, list(dict.fromkeys(s for s in (src.train_split, src.val_split) if s))))
+    return out
+
+
+def plan(described) -> tuple[list[Item], list[str]]:
+    """What the run needs from the hub (with sizes, from the hub's listing) and notes on what needs nothing."""
+    from huggingface_hub import HfApi
+
+    from fff_lightning.data import hub
+
+    api = HfApi()
+    items: list[Item] = []
+    notes: list[str] = []
+    for repo, why in _model_repos(described, notes).items():
+        items += [
+            Item(repo, "model", f.rfilename, f.size, _cached(repo, "model", f), why) for f in _model_files(api, repo)
+        ]
+    for src, hub_id, splits in _hub_sources(described, notes):
+        info = api.dataset_info(hub_id, files_metadata=True, timeout=hub.TIMEOUT)
+        siblings = {s.rfilename: s for s in info.siblings or []}
         readme = None
-        if "README.md" in sizes:
-            readme = Path(hub._download(hub_id, "README.md", info.sha)).read_text()
-        for split in dict.fromkeys(s for s in (src.train_split, src.val_split) if s):
-            for f in hub.split_files(hub_id, list(sizes), readme, split):
-                why = f"{src.name}, split {split}"
-                items.append(Item(hub_id, "dataset", f, sizes[f], cached(hub_id, f, "dataset", info.sha), why))
+        if "README.md" in siblings:
+            readme = Path(hub._download(hub_id, "README.md")).read_text()
+        for split in splits:
+            for f in hub.split_files(hub_id, list(siblings), readme, split):
+                sib = siblings[f]
+                items.append(
+                    Item(hub_id, "dataset", f, sib.size, _cached(hub_id, "dataset", sib), f"{src.name}, split {split}")
+                )
     return items, notes
+
+
+def check_offline(described) -> list[str]:
+    """What an offline run would miss, read from the hub cache alone: one line per problem (none: ready)."""
+    from fff_lightning.data import hub
+
+    notes: list[str] = []
+    problems = []
+    for repo, why in _model_repos(described, notes).items():
+        snap = hub.snapshot(repo, "model")
+        if snap is None or not (snap / "config.json").is_file() and why == "the base model":
+            problems.append(f"{repo} ({why}) is not in the hub cache {hub.cache()}")
+        elif why == "the base model" and not any(snap.glob("*.safetensors")):
+            problems.append(f"{repo} ({why}): no safetensors weights in {snap}")
+        else:
+            print(f"  {repo}: cached ({why})")
+    for _src, hub_id, splits in _hub_sources(described, notes):
+        for split in splits:
+            try:
+                got = hub._cached(hub_id, split)
+                print(f"  {hub_id} split {split}: cached ({len(got.files)} files)")
+            except ConfigError as e:
+                problems.append(str(e).removeprefix("data.sources: ").split("; fetch it")[0])
+    for note in notes:
+        print(note)
+    return problems
 
 
 def _size(n: int | None) -> str:
@@ -125,11 +186,20 @@ def main(argv: list[str]) -> None:
     from fff_lightning.run_config import describe_run
 
     args, overrides = parser().parse_known_args(argv)
-    if hub.offline():
-        raise ConfigError(
-            "download", "HF_HUB_OFFLINE is set: run `download` where the network is, without it, then train offline"
-        )
     described = describe_run(*args.config, overrides=overrides)
+    if hub.offline():
+        if not args.dry_run:
+            raise ConfigError(
+                "download", "HF_HUB_OFFLINE is set: run `download` where the network is, without it, then train offline"
+            )
+        print(f"HF_HUB_OFFLINE is set: checking the hub cache ({hub.cache()}) only")
+        problems = check_offline(described)
+        if problems:
+            for line in problems:
+                print(f"  missing: {line}")
+            raise ConfigError("download", f"{len(problems)} thing(s) an offline run needs are not in the hub cache")
+        print("everything this run needs from the hub is in the cache")
+        return
     try:
         items, notes = plan(described)
     except ConfigError:

@@ -65,7 +65,8 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         raise ConfigError(
             "tokenizer",
             f"cannot load the tokenizer {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the id, "
-            "the network (HF_HUB_OFFLINE) and access, or give a local folder",
+            "the network and access, or give a local folder; offline (HF_HUB_OFFLINE), fetch it first where the "
+            "network is: `python -m fff_lightning download --config <this run's config>`",
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token

@@ -170,10 +170,10 @@ class FakeHub:
         files += [(f, 1000) for f in self.extra.get(repo, [])]
         return SimpleNamespace(sha=sha, siblings=[SimpleNamespace(rfilename=f, size=n) for f, n in files])
 
-    def dataset_info(self, repo, files_metadata=False):
+    def dataset_info(self, repo, files_metadata=False, **kw):
         return self._info(repo, "dataset")
 
-    def model_info(self, repo, files_metadata=False):
+    def model_info(self, repo, files_metadata=False, **kw):
         return self._info(repo, "model")
 
 
@@ -213,3 +213,29 @@ def test_download_lists_what_a_run_needs_and_fetches_only_what_is_missing(cache,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
         main(args)
+    # offline, --dry-run checks the cache alone: the shard removed above is named
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="1 thing"):
+        main([*args, "--dry-run"])
+    out = capsys.readouterr().out
+    assert "missing: HuggingFaceH4/ultrachat_200k: no file of split 'test_sft'" in out
+    assert f"{TINY_REPO}: cached" in out and "meta-math/MetaMathQA split train: cached (1 files)" in out
+
+
+def test_a_partial_download_and_a_snapshot_without_refs_main_are_still_read(offline, tmp_path, monkeypatch):
+    """`hf download --include` records the repository's whole file list (huggingface_hub then calls the snapshot
+    incomplete), and a download by commit writes no refs/main: the files a run reads are what counts."""
+    import json as js
+    import shutil
+
+    copy = tmp_path / "hub"
+    shutil.copytree(offline / "hub", copy, symlinks=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(copy))
+    root = copy / "datasets--HuggingFaceH4--ultrachat_200k"
+    sha = (root / "refs" / "main").read_text()
+    (root / "trees").mkdir()
+    (root / "trees" / f"{sha}.json").write_text(js.dumps([{"path": "data/train_gen-00000-of-00001-x.parquet"}]))
+    assert len(hub.resolve("HuggingFaceH4/ultrachat_200k", "train_sft").files) == 3
+    (root / "refs" / "main").unlink()
+    hub._RESOLVED.clear()
+    assert len(hub.resolve("HuggingFaceH4/ultrachat_200k", "test_sft").files) == 1

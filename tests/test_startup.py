@@ -47,3 +47,34 @@ def test_a_cached_start_of_20000_samples_takes_under_2_seconds(tmp_path):
         assert all(r["cached"] for r in dm.summary)
         if not packing:  # the same data and plan as the run that built the cache
             assert dm.train_batches == first.train_batches and dm.summary[0]["train_tokens"] > 0
+
+
+def test_a_cache_entry_that_lost_its_validation_part_is_rebuilt(tmp_path, caplog):
+    import shutil
+
+    from helpers import QUICK
+
+    def setup():
+        dm = describe_run(QUICK, overrides=["--data.cache_dir", str(tmp_path)]).datamodule
+        dm.setup("fit")
+        return dm
+
+    setup()
+    entry = next(p for p in tmp_path.iterdir() if p.name.startswith("metamath-"))
+    shutil.rmtree(entry / "val")
+    prepare.BUILT.clear()
+    dm = setup()
+    assert "is damaged" in caplog.text and (entry / "val").is_dir()
+    assert next(r for r in dm.summary if r["dataset"] == "metamath")["val_samples"] == 8
+
+
+def test_a_folder_with_a_file_for_one_split_and_not_the_other_is_refused(tmp_path):
+    from fff_lightning.data.prepare import TextOptions, prepare_source
+    from fff_lightning.data.sources import SourceConfig
+    from fff_lightning.errors import ConfigError
+
+    for split in ("train_sft", "test_sft"):
+        (tmp_path / f"{split}.jsonl").write_text('{"prompt": "a", "prompt_id": "0", "messages": []}\n')
+    src = SourceConfig("ultrachat", str(tmp_path), "ultrachat", train_split="train", val_split="test_sft")
+    with pytest.raises(ConfigError, match="holds a file for split 'test_sft' but none named 'train'"):
+        prepare_source(src, None, TextOptions("research", "all", 64, None), 0, None, None)

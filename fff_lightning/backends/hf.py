@@ -54,7 +54,8 @@ def load_pretrained(path: str, load_in_4bit: bool, dtype: torch.dtype) -> nn.Mod
         raise ConfigError(
             "model.base.name_or_path",
             f"cannot load {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the id, the network "
-            "(HF_HUB_OFFLINE) and access, or give a local folder",
+            "and access, or give a local folder; offline (HF_HUB_OFFLINE), fetch it first where the network is: "
+            "`python -m fff_lightning download --config <this run's config>`",
         ) from None
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training

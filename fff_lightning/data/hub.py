@@ -14,7 +14,6 @@ config's ``data_files``), else the file-name patterns ``datasets`` infers (``dat
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import re
@@ -68,8 +67,13 @@ def card_splits(readme: str | None) -> dict[str, list[str]] | None:
     if not isinstance(configs, list) or not configs:
         return None
     config = next((c for c in configs if isinstance(c, dict) and c.get("default")), None) or next(
-        (c for c in configs if isinstance(c, dict) and c.get("config_name", "default") == "default"), configs[0]
+        (c for c in configs if isinstance(c, dict) and c.get("config_name", "default") == "default"), None
     )
+    if config is None:
+        config = configs[0]
+        if len(configs) > 1 and isinstance(config, dict):
+            log.warning("data: the dataset card names %d configs and no default; reading its first, %r",
+                        len(configs), config.get("config_name"))  # fmt: skip
     files = config.get("data_files") if isinstance(config, dict) else None
     if isinstance(files, str):
         files = [files]
@@ -85,16 +89,41 @@ def card_splits(readme: str | None) -> dict[str, list[str]] | None:
     return out or None
 
 
+#: Files a dataset repository holds beside its data, which ``datasets`` never reads as rows.
+METADATA = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "config.json", "state.json")
+
+
+def _glob(pattern: str) -> re.Pattern:
+    """fsspec's glob as ``datasets`` uses it: ``**`` any folders (none included), ``*`` and ``?`` within one name."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            out, i = out + "[" + pattern[i + 1 : end].replace("\\", "\\\\") + "]", end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
 def matching(files: list[str], pattern: str) -> list[str]:
-    """The data files among ``files`` (repository paths) that ``pattern`` names, with fsspec's ``**`` (any number
-    of folders, none included)."""
-    patterns = {pattern, pattern.removeprefix("**/")} if pattern.startswith("**/") else {pattern}
+    """The data files among ``files`` (repository paths) that ``pattern`` names, as ``datasets`` resolves it:
+    fsspec's glob, hidden (``.``) and ``__`` folders and metadata files left out."""
+    rx = _glob(pattern)
     return sorted(
         f
         for f in files
         if PurePosixPath(f).suffix in DATA_SUFFIXES
-        and not any(part.startswith(".") for part in PurePosixPath(f).parts)
-        and any(fnmatch.fnmatchcase(f, p) for p in patterns)
+        and PurePosixPath(f).name not in METADATA
+        and not any(part.startswith((".", "__")) for part in PurePosixPath(f).parts)
+        and rx.match(f)
     )
 
 
@@ -140,50 +169,75 @@ class HubSplit:
     revision: str  # the snapshot's commit: part of the tokenized-data cache key
 
 
+#: Seconds to wait for the hub before reading the cache instead (a proxy that never answers must not hang a run).
+TIMEOUT = 10.0
+_RESOLVED: dict[tuple[str, str, str], HubSplit] = {}
+
+
 def resolve(repo: str, split: str) -> HubSplit:
     """``split`` of dataset ``repo`` as files in the hub cache: downloaded where the hub is reachable, else read
     from the cached snapshot; anything missing offline is one line naming the repository, the files and the
-    command that fetches them."""
+    command that fetches them. Resolved once per process (``prepare_data`` and ``setup`` both ask)."""
+    key = (cache(), repo, split)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(repo, split)
+    return _RESOLVED[key]
+
+
+def _resolve(repo: str, split: str) -> HubSplit:
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     if not offline():
         try:
             return _online(repo, split)
         except ConfigError:
             raise
+        except RepositoryNotFoundError as e:  # the hub answered: no such dataset, or gated/private without access
+            raise ConfigError(
+                "data.sources",
+                f"{repo}: the hub has no dataset of that id you can read ({type(e).__name__}); check the id, or log "
+                "in (`hf auth login`) and accept its terms if it is gated",
+            ) from None
         except Exception as e:  # no network, hub down, proxy...: the cache may still hold it
             log.warning("data: cannot reach the hub for %s (%s); reading the hub cache", repo, type(e).__name__)
     return _cached(repo, split)
 
 
-def _download(repo: str, path: str, revision: str) -> str:
+def _download(repo: str, path: str, revision: str | None = None) -> str:
+    """One file into the hub cache, by the main branch (which records ``refs/main`` for offline runs)."""
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(repo, path, repo_type="dataset", revision=revision, cache_dir=cache())
+    return hf_hub_download(repo, path, repo_type="dataset", revision=revision, cache_dir=cache(),
+                           etag_timeout=TIMEOUT)  # fmt: skip
 
 
 def _online(repo: str, split: str) -> HubSplit:
     from huggingface_hub import HfApi
 
-    info = HfApi().dataset_info(repo)
+    info = HfApi().dataset_info(repo, timeout=TIMEOUT)
     files = [s.rfilename for s in info.siblings or []]
-    readme = None
-    if "README.md" in files:
-        readme = Path(_download(repo, "README.md", info.sha)).read_text()
+    readme = Path(_download(repo, "README.md")).read_text() if "README.md" in files else None
     chosen = split_files(repo, files, readme, split)
     if not chosen:
         raise ConfigError("data.sources", f"{repo} split {split!r}: no data file (.jsonl/.json/.parquet) on the hub")
-    paths = [Path(_download(repo, f, info.sha)) for f in chosen]
+    paths = [Path(_download(repo, f)) for f in chosen]
     return HubSplit(repo, split, paths, info.sha)
 
 
-def snapshot(repo: str) -> Path | None:
-    """The cached snapshot folder of ``repo``'s main revision, or ``None``."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+def snapshot(repo: str, kind: str = "dataset") -> Path | None:
+    """The cached snapshot folder of ``repo``: the one ``refs/main`` names, else the newest. Read from the cache's
+    layout directly: ``huggingface_hub`` refuses a snapshot that a partial ``hf download`` recorded as incomplete,
+    though the files a run reads may all be there (they are checked one by one)."""
+    root = Path(cache()) / f"{kind}s--{repo.replace('/', '--')}"
+    ref = root / "refs" / "main"
     try:
-        return Path(snapshot_download(repo, repo_type="dataset", local_files_only=True, cache_dir=cache()))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        named = root / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        if named is not None and named.is_dir():
+            return named
+        folders = [p for p in (root / "snapshots").iterdir() if p.is_dir()] if (root / "snapshots").is_dir() else []
+    except OSError:
         return None
+    return max(folders, key=lambda p: p.stat().st_mtime) if folders else None
 
 
 def _cached(repo: str, split: str) -> HubSplit:

@@ -166,7 +166,9 @@ def _read_cached(folder: Path | None, src: SourceConfig) -> Prepared | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         train = datasets.load_from_disk(str(folder / "train"))
-        val = datasets.load_from_disk(str(folder / "val")) if (folder / "val").exists() else None
+        val = datasets.load_from_disk(str(folder / "val")) if meta["val_rows"] else None  # a lost val/ fails here
+        if len(train) == 0 or (val is not None and len(val) == 0):
+            raise ValueError("an empty part")
         for part in (train, val):  # read the last row of each: a truncated file fails here, not mid-training
             if part is not None and len(part):
                 part[len(part) - 1]
@@ -195,6 +197,15 @@ def prepare_source(
         data = [_hub_fingerprint(r) for r in resolved.values()]
     else:
         split_of = {s: split_files(files, s) for s in splits}
+        named = [s for s in splits if any(Path(f).stem == s for f in files)]
+        if named and len(named) < len(splits):  # one split has its file, another would take every file, its own too
+            other = next(s for s in splits if s not in named)
+            raise ConfigError(
+                f"data.sources.{src.name}",
+                f"{src.path} holds a file for split {named[0]!r} but none named {other!r} "
+                f"(files: {', '.join(Path(f).name for f in files)}); name it {other}.jsonl, or set the split to a "
+                "file's name",
+            )
         data = _local_fingerprint(files)
     key_data = {
         "version": CACHE_VERSION,

@@ -316,13 +316,17 @@ def plot_curves(out: Path, arms: dict[str, list[dict]], colours: dict) -> list[P
             if not steps:
                 continue
             vals = np.array([[s[k] for k in steps] for s in series])  # (seeds, steps)
-            marker = "o" if len(steps) < 20 else None
             label = f"{name} ({len(runs)} seeds)"
-            ax.plot(steps, vals.mean(0), label=label, color=colours[name], marker=marker, markersize=3)
-            ax.fill_between(steps, vals.min(0), vals.max(0), color=colours[name], alpha=0.2, linewidth=0)
-            if len(steps) < 3:  # a band over one or two steps is too thin to see: the same range as bars
+            if len(steps) < 3:  # a band over one or two steps is too thin to see: ranges as bars, side by side
                 spread = [vals.mean(0) - vals.min(0), vals.max(0) - vals.mean(0)]
-                ax.errorbar(steps, vals.mean(0), yerr=spread, fmt="none", color=colours[name], capsize=4)
+                dodge = (list(arms).index(name) - (len(arms) - 1) / 2) * 0.06
+                xs = [x + dodge for x in steps]
+                ax.errorbar(xs, vals.mean(0), yerr=spread, fmt="o", color=colours[name], capsize=4, label=label)
+                ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+            else:
+                marker = "o" if len(steps) < 20 else None
+                ax.plot(steps, vals.mean(0), label=label, color=colours[name], marker=marker, markersize=3)
+                ax.fill_between(steps, vals.min(0), vals.max(0), color=colours[name], alpha=0.2, linewidth=0)
             drawn += 1
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

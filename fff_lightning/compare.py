@@ -297,11 +297,30 @@ def plot_difference(out: Path, result: dict) -> Path:
     return out / "difference.png"
 
 
+def save_curve(fig, ax, title: str, tag: str, drawn: int, path: Path) -> Path:
+    """Label a loss-over-steps figure (or say that nothing was logged), save it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    else:
+        ax.text(0.5, 0.5, f"no '{tag}' values logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(out: Path, arms: dict[str, list[dict]], colours: dict) -> list[Path]:
     """Training and validation loss per arm: the mean over seeds at each step every seed logged, and a band from
     the lowest to the highest seed."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     files = []
     for tag, title, fname in (
@@ -328,17 +347,5 @@ def plot_curves(out: Path, arms: dict[str, list[dict]], colours: dict) -> list[P
                 ax.plot(steps, vals.mean(0), label=label, color=colours[name], marker=marker, markersize=3)
                 ax.fill_between(steps, vals.min(0), vals.max(0), color=colours[name], alpha=0.2, linewidth=0)
             drawn += 1
-        ax.set_title(title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy loss (nats per token)")
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-        else:
-            ax.text(0.5, 0.5, f"no '{tag}' values logged", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-        files.append(out / fname)
+        files.append(save_curve(fig, ax, title, tag, drawn, out / fname))
     return files

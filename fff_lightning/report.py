@@ -221,7 +221,8 @@ def _colours(names: list[str]) -> dict[str, tuple]:
 
 def plot_curves(out: Path, runs: list[dict], colours: dict) -> list[Path]:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+
+    from fff_lightning.compare import save_curve
 
     files = []
     for tag, title, fname in (
@@ -243,19 +244,7 @@ def plot_curves(out: Path, runs: list[dict], colours: dict) -> list[Path]:
                     markersize=3,
                 )
                 drawn += 1
-        ax.set_title(title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy loss (nats per token)")
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-        else:
-            ax.text(0.5, 0.5, f"no '{tag}' values logged", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-        files.append(out / fname)
+        files.append(save_curve(fig, ax, title, tag, drawn, out / fname))
     return files
 
 

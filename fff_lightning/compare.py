@@ -235,6 +235,23 @@ def print_comparison(result: dict) -> None:
         print(note)
 
 
+def save_bars(fig, ax, datasets: list[str], title: str, path: Path) -> Path:
+    """Label a per-dataset bar figure of final validation losses, save it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels(datasets)
+    ax.set_title(title)
+    ax.set_xlabel("dataset")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_bars(out: Path, result: dict, reference: dict[str, dict], colours: dict) -> Path:
     """Final validation loss per dataset: one bar per arm (its mean over seeds) with its 95% interval, and the
     published single runs as hatched outlines."""
@@ -258,17 +275,8 @@ def plot_bars(out: Path, result: dict, reference: dict[str, dict], colours: dict
         n = max((i.n for i in iv if i), default=0)
         label = f"{name} (mean of {n} seeds, 95% interval)"
         ax.bar(xs, ys, width, yerr=[low, high], capsize=4, label=label, color=colours[name])
-    ax.set_xticks(range(len(datasets)))
-    ax.set_xticklabels(datasets)
-    ax.set_title("Final validation loss per dataset: mean over seeds, 95% t interval")
-    ax.set_xlabel("dataset")
-    ax.set_ylabel("cross-entropy loss (nats per token)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "final_val_loss.png", dpi=120)
-    plt.close(fig)
-    return out / "final_val_loss.png"
+    title = "Final validation loss per dataset: mean over seeds, 95% t interval"
+    return save_bars(fig, ax, datasets, title, out / "final_val_loss.png")
 
 
 def plot_difference(out: Path, result: dict) -> Path:

@@ -251,6 +251,8 @@ def plot_curves(out: Path, runs: list[dict], colours: dict) -> list[Path]:
 def plot_bars(out: Path, runs: list[dict], reference: bool, colours: dict) -> Path:
     import matplotlib.pyplot as plt
 
+    from fff_lightning.compare import save_bars
+
     columns, datasets, values = table_rows(runs, reference)
     n = len(columns)
     width = 0.8 / max(n, 1)
@@ -263,17 +265,7 @@ def plot_bars(out: Path, runs: list[dict], reference: bool, colours: dict) -> Pa
         else:
             style = {"color": colours[name]}
         ax.bar(xs, ys, width, label=name, **style)
-    ax.set_xticks(range(len(datasets)))
-    ax.set_xticklabels(datasets)
-    ax.set_title("Final validation loss per dataset")
-    ax.set_xlabel("dataset")
-    ax.set_ylabel("cross-entropy loss (nats per token)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "final_val_loss.png", dpi=120)
-    plt.close(fig)
-    return out / "final_val_loss.png"
+    return save_bars(fig, ax, datasets, "Final validation loss per dataset", out / "final_val_loss.png")
 
 
 _FAILED = re.compile(r".+\.failed-\d+$")

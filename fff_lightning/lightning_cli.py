@@ -121,6 +121,8 @@ class FFFCLI(RunCLI):
 
     def _report(self, what: str) -> None:
         results = self.model.last_results
+        if results and self.subcommand == "fit":
+            results = table.with_before(results, self.model.first_results)
         if results and self.trainer.is_global_zero:
             table.report(self.folder.path, results, self.datamodule.seen_in_training, self.folder.name, what)
             if self.model.last_samples:

@@ -147,6 +147,8 @@ class FFFModule(L.LightningModule):
         self.last_results: list[dict] | None = None
         #: the global step at which ``last_results`` were made
         self.last_results_step: int | None = None
+        #: the untrained model's results (``trainer.num_sanity_val_steps: -1`` validates all before training)
+        self.first_results: list[dict] | None = None
         #: the global step this fit started from (> 0 when resumed)
         self.fit_start_step = 0
 
@@ -433,6 +435,14 @@ class FFFModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
+            if math.isinf(self.trainer.num_sanity_val_steps) and self.trainer.global_step == 0:
+                # trainer.num_sanity_val_steps: -1 validates the whole set before training: the untrained model's
+                # table, which fit's table then shows beside its own, and the curves' first point (step 0).
+                self.first_results = self._epoch_results()
+                if self.trainer.is_global_zero:
+                    for logger in self.trainer.loggers:
+                        logger.log_metrics({f"val/{r['dataset']}/loss": r["loss"] for r in self.first_results}, step=0)
+                return
             for metrics in self.sums:
                 for m in metrics:
                     m.reset()

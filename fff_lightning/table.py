@@ -64,19 +64,24 @@ def _exp(x: float) -> float:
 
 
 def show(title: str, rows: list[dict], seen: dict[str, bool]) -> None:
-    """Print the table to the terminal."""
+    """Print the table to the terminal (with the untrained model's loss beside each row's, where it is known)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    before = any("loss_before" in r for r in rows)
     table = Table(title=escape(title), title_justify="left")
-    for col in ("dataset", "rows", "tokens", "mean loss", "perplexity", "seen in training"):
+    cols = ["dataset", "rows", "tokens", *(["before training"] if before else []), "mean loss", "perplexity"]
+    for col in [*cols, "seen in training"]:
         table.add_column(col, justify="left" if col == "dataset" else "right")
     for r in rows:
         mark = "[yellow]YES[/yellow]" if seen.get(r["dataset"]) else "no"
         loss = f"{r['loss']:.4f}" if r.get("finite", True) else f"[bold red]{r['loss']} (NOT FINITE)[/bold red]"
-        table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", loss, f"{r['ppl']:.2f}", mark)
+        first = [f"{r['loss_before']:.4f}" if "loss_before" in r else "-"] if before else []
+        table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", *first, loss, f"{r['ppl']:.2f}", mark)
     Console().print(table)
+    if before:
+        print("before training: the same rows scored by the untrained model (step 0)")
     print(REDUCTION_NOTES[rows[0].get("reduction", "tokens")] if rows else "")
     for r in rows:
         if not r.get("finite", True):
@@ -99,13 +104,22 @@ def write(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str)
     write_text(folder / "validation.json", json.dumps(full, indent=2) + "\n")
     csv = [",".join(COLUMNS)] + [",".join(_fmt(r[c]) for c in COLUMNS) for r in full]
     write_text(folder / "validation.csv", "\n".join(csv) + "\n")
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in full]
+    cols = COLUMNS + (["loss_before"] if any("loss_before" in r for r in full) else [])
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in full]
     md.append("\n" + SEEN_NOTE)
+    if "loss_before" in cols:
+        md.append("\n`loss_before`: the same rows scored by the untrained model (step 0).")
     if rows:
         md.append("\n" + REDUCTION_NOTES[rows[0].get("reduction", "tokens")] + ".")
     write_text(folder / "validation.md", "\n".join(md) + "\n")
     return [folder / f"validation.{e}" for e in ("json", "csv", "md")]
+
+
+def with_before(rows: list[dict], first: list[dict] | None) -> list[dict]:
+    """``rows`` with each dataset's loss before training (``loss_before``) from ``first``, where it has it."""
+    losses = {r["dataset"]: r["loss"] for r in first or []}
+    return [{**r, "loss_before": losses[r["dataset"]]} if r["dataset"] in losses else r for r in rows]
 
 
 def report(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str, what: str) -> list[Path]:

@@ -49,14 +49,16 @@ def save_tokenizer(tokenizer, folder: str | Path) -> None:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
-    """``AutoTokenizer`` for a hub id or folder; ``None`` gives the offline Mistral-7B tokenizer.
+    """``AutoTokenizer`` for a hub id, folder or GGUF source; ``None`` gives the offline Mistral-7B tokenizer.
 
     Mistral has no pad token; we pad with ``<unk>`` (id 0) so padding is never mistaken for end of text.
     Padded positions are masked out of the loss anyway.
     """
     from transformers import AutoTokenizer
 
-    name = str(name_or_path or mistral_tokenizer_dir())
+    from fff_lightning import model_source
+
+    name = model_source.local_model(str(name_or_path or mistral_tokenizer_dir()))  # a GGUF file's: its folder's
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:  # no network, an unknown id, a gated repository, a folder without one
@@ -119,6 +121,12 @@ def _same_vocabulary(sp, tokenizer) -> bool:
     return n == len(tokenizer) and tokenizer.convert_ids_to_tokens(probe) == [sp.id_to_piece(i) for i in probe]
 
 
+def _pieces(tokenizer) -> bool:
+    """Whether the tokenizer's vocabulary is a SentencePiece one (``▁`` marks a space): only such a tokenizer has a
+    SentencePiece model whose ids can differ from its own (a byte-level BPE one, e.g. SmolLM2's, has none)."""
+    return any("\u2581" in t for t in tokenizer.tokenize(" a  b"))
+
+
 def encode(tokenizer, text: str, sentencepiece: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids (BOS first) of ``text`` and each token's character span in it.
 
@@ -128,7 +136,7 @@ def encode(tokenizer, text: str, sentencepiece: bool = True) -> tuple[list[int],
     Text is taken literally (``"<s>"`` in it is text, as for SentencePiece).
     """
     sp = sentencepiece_model(tokenizer) if sentencepiece else None
-    if sentencepiece and sp is None and not tokenizer.__dict__.get("_fff_warned"):
+    if sentencepiece and sp is None and not tokenizer.__dict__.get("_fff_warned") and _pieces(tokenizer):
         tokenizer.__dict__["_fff_warned"] = True
         logging.getLogger(__name__).warning(
             "no SentencePiece model found for the tokenizer %r: research-style token ids are the transformers "

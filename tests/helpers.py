@@ -5,11 +5,11 @@ import os
 from pathlib import Path
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # `faults` for the subprocesses
-QUICK = str(Path(__file__).parent.parent / "configs" / "quickstart.yaml")
+QUICK = str(Path(__file__).parent.parent / "configs" / "tiny.yaml")
 
 
 def quick_args(logs, *extra, steps: int, command: str = "fit") -> list[str]:
-    """The command line of a short quickstart run into ``logs``: logging every step, no progress bar or model
+    """The command line of a short tiny-model run into ``logs``: logging every step, no progress bar or model
     summary; ``extra`` options come last, so they override."""
     return [
         command,

@@ -368,3 +368,64 @@ def test_research_defaults_point_at_the_hub_with_the_research_slices():
     )
     assert by["artificial_thinker"].repeat == 6 and m.seed == 12
     assert Path(BUNDLED).is_dir()
+
+
+#: The message-rendering part of Qwen3's chat template (its tokenizer's; the qwen3 configs use it): an answer after
+#: the last question gets an empty think block and loses its leading newlines.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'user' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- if loop.last %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n\\n</think>\\n\\n' + message.content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+)
+#: SmolLM2-Instruct's template, as its GGUF file holds it (the quickstart and real_* configs use it): ChatML with a
+#: default system prompt; messages verbatim.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou "
+    "are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("fmt", ["llama3", "qwen3", "chatml"])
+def test_every_shipped_chat_format_trains_on_messages_edged_with_whitespace(tok, fmt):
+    """Real data is full of messages that begin or end with spaces or newlines; Llama 3's template trims them,
+    Qwen3's strips an answer's leading newlines. The answer spans are what the template renders."""
+    from fff_lightning.data.formatting import render_chat
+    from fff_lightning.run_config import describe_run
+
+    template = {
+        "llama3": describe_run("llama3_step2").datamodule.opts.chat_template,
+        "qwen3": QWEN3_TEMPLATE,
+        "chatml": CHATML_TEMPLATE,
+    }[fmt]
+    sample = [
+        ("user", "  Hi there\n"),
+        ("assistant", "\n\nHello!  \n"),
+        ("user", " a second q "),
+        ("assistant", "\nok\n"),
+    ]
+    text, spans = render_chat(sample, tok, template)
+    answers = [text[a:b] for a, b in spans]
+    expected = {
+        "llama3": ["Hello!", "ok"],
+        "qwen3": ["\n\nHello!  \n", "ok\n"],
+        "chatml": ["\n\nHello!  \n", "\nok\n"],
+    }[fmt]
+    assert answers == expected
+    t = tokenize_sample(sample, tok, "chat_template", "assistant", 512, template)
+    learned = [i for i, lab in zip(t["input_ids"], t["labels"], strict=True) if lab != -100]
+    assert "Hello!" in tok.decode(learned) and "ok" in tok.decode(learned) and "Hi there" not in tok.decode(learned)
+
+
+def test_a_template_that_rewrites_messages_is_one_line_naming_the_row(tmp_path):
+    rows = [{"query": "2 + 2?", "response": "4"}, {"query": "3 + 3?", "response": "six"}]
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    upper = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
+    m = dm(tmp_path, [SourceConfig("m", str(f), "metamath")], text_style="chat_template", chat_template=upper)
+    with pytest.raises(ConfigError, match=r"data.sources.m: .*line 2.*changes a assistant message's text"):
+        m.setup("fit")

@@ -43,7 +43,7 @@ def assert_same_table(a: list[dict], b: list[dict]) -> None:
 
 
 def run_folders(logs: Path) -> list[Path]:
-    return [p for p in (logs / "quickstart").iterdir() if p.is_dir()]
+    return [p for p in (logs / "tiny").iterdir() if p.is_dir()]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_a_refused_strategy_is_one_line_before_anything_is_made(tmp_path, capsys
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("error: trainer.")
-        made = tmp_path / "quickstart"
+        made = tmp_path / "tiny"
         assert not made.exists() or not list(made.iterdir())  # no run folder left behind
 
 

@@ -126,11 +126,11 @@ def test_shipped_configs_by_name_and_copied_out(tmp_path):
 
     names = config_files.names()
     assert {"quickstart", "step2", "step2_lora", "step1_i", "overlays/packed"} <= set(names)
-    assert describe_run("quickstart").model.base.backend == "tiny"
+    assert describe_run("tiny").model.base.backend == "tiny"
     run = describe_run("step2", "overlays/packed")  # a config and an overlay, both by name
     assert run.datamodule.packing and run.model.adapters.fff.width == 128
-    (tmp_path / "quickstart.yaml").write_text("experiment: mine\n")
-    assert config_files.path(tmp_path / "quickstart.yaml") == tmp_path / "quickstart.yaml"  # a real file wins
+    (tmp_path / "tiny.yaml").write_text("experiment: mine\n")
+    assert config_files.path(tmp_path / "tiny.yaml") == tmp_path / "tiny.yaml"  # a real file wins
     assert config_files.shipped("../pyproject") is None and config_files.shipped("nothing") is None
 
     from fff_lightning.cli import main

@@ -51,9 +51,9 @@ def test_on_a_cpu_auto_is_no_cap_and_a_number_is_one_line_before_the_work(tmp_pa
     assert memory.resolve("auto", torch.device("cpu")) is None
     from fff_lightning.cli import main
 
-    argv = ["fit", "--config", "quickstart", "--logs_dir", str(tmp_path), "--model.base.max_memory_gib", "7.5"]
+    argv = ["fit", "--config", "tiny", "--logs_dir", str(tmp_path), "--model.base.max_memory_gib", "7.5"]
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: model.base.max_memory_gib: caps GPU memory"), err
-    assert not [p for p in (tmp_path / "quickstart").iterdir() if p.is_dir()]  # no run folder left
+    assert not [p for p in (tmp_path / "tiny").iterdir() if p.is_dir()]  # no run folder left

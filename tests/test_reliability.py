@@ -41,7 +41,7 @@ def subprocess_fit(logs, *extra, steps=8):
 
 
 def run_dir(logs) -> Path:
-    (run,) = [p for p in (Path(logs) / "quickstart").iterdir() if p.is_dir()]
+    (run,) = [p for p in (Path(logs) / "tiny").iterdir() if p.is_dir()]
     return run
 
 
@@ -169,7 +169,7 @@ def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path, c
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == code, (when, err)
         assert "before training started: nothing was trained" in err[-1] and "Traceback" not in "\n".join(err), when
-        assert not list((tmp_path / "logs" / "quickstart").iterdir()), when  # the next run is not named "-1"
+        assert not list((tmp_path / "logs" / "tiny").iterdir()), when  # the next run is not named "-1"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back after the command
 
 
@@ -239,7 +239,7 @@ def test_two_runs_started_together_never_share_a_folder(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     codes = [p.returncode for p in procs]
     assert codes[:2] == [0, 0], outs[0][1][-1500:]
-    folders = sorted(p.name for p in (tmp_path / "quickstart").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "tiny").iterdir())
     assert folders == ["lora-[32]-2-[gelu_new]-[up_proj]", "lora-[32]-2-[gelu_new]-[up_proj]-1", "same"]
     assert sorted(codes[2:]) == [0, 2]  # the same --run_name: one runs, the other is refused in one line
     refused = outs[2][1] if codes[2] else outs[3][1]
@@ -250,7 +250,7 @@ def test_a_run_without_a_logger_still_writes_into_its_own_folder(tmp_path, monke
     # Lightning's root would be the working directory: two such runs would overwrite each other's files there.
     monkeypatch.chdir(tmp_path)
     main(args(tmp_path / "logs", "--trainer.logger", "false", "--trainer.limit_val_batches", "0", steps=2))
-    (run,) = (tmp_path / "logs" / "quickstart").iterdir()
+    (run,) = (tmp_path / "logs" / "tiny").iterdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
     assert {"adapter", "checkpoints", "config.yaml"} <= {p.name for p in run.iterdir()}
 
@@ -273,7 +273,7 @@ def test_a_run_that_fails_on_its_input_leaves_no_folder_behind(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         main(args(tmp_path / "logs", "--data.paths", f"{{metamath: {empty}}}"))
     assert e.value.code == 2 and "is empty" in capsys.readouterr().err
-    assert not list((tmp_path / "logs" / "quickstart").iterdir())  # the next run is not named "-1"
+    assert not list((tmp_path / "logs" / "tiny").iterdir())  # the next run is not named "-1"
 
 
 def test_validate_and_predict_refuse_untrained_adapters(capsys):

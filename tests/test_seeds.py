@@ -162,16 +162,16 @@ def test_grids_name_shipped_configs_and_arms_may_bring_their_own(tmp_path):
 
     path = tmp_path / "grid.yaml"
     path.write_text(
-        yaml.safe_dump({"sweep": {"experiment": "x", "seeds": [1, 2], "arms": {"a": {"configs": ["quickstart"]}}}})
+        yaml.safe_dump({"sweep": {"experiment": "x", "seeds": [1, 2], "arms": {"a": {"configs": ["tiny"]}}}})
     )
     grid = load_grid(path)
-    assert grid.configs == [] and grid.arms["a"]["configs"] == [str(config_files.folder() / "quickstart.yaml")]
+    assert grid.configs == [] and grid.arms["a"]["configs"] == [str(config_files.folder() / "tiny.yaml")]
     for bad, field in (
         ({"experiment": "x", "seeds": [1], "arms": {"a": {}}}, "sweep.configs"),  # an arm without configs, none shared
-        ({"experiment": "x", "configs": ["quickstart"], "seeds": [1, 1]}, "sweep.seeds"),
-        ({"experiment": "x", "configs": ["quickstart"], "seeds": [True]}, "sweep.seeds"),
-        ({"experiment": "x", "configs": ["quickstart"], "arms": {"a b": {}}}, "sweep.arms"),
-        ({"experiment": "x", "configs": ["quickstart"], "arms": {"a": {"lr": 1}}}, "sweep.arms.a"),
+        ({"experiment": "x", "configs": ["tiny"], "seeds": [1, 1]}, "sweep.seeds"),
+        ({"experiment": "x", "configs": ["tiny"], "seeds": [True]}, "sweep.seeds"),
+        ({"experiment": "x", "configs": ["tiny"], "arms": {"a b": {}}}, "sweep.arms"),
+        ({"experiment": "x", "configs": ["tiny"], "arms": {"a": {"lr": 1}}}, "sweep.arms.a"),
     ):
         path.write_text(yaml.safe_dump({"sweep": bad}))
         with pytest.raises(ConfigError) as e:
@@ -260,12 +260,12 @@ def test_a_grid_refuses_seeds_set_by_hand_beside_seeds_and_gives_each_arm_its_ba
         ({"set": {"model.seed": 3}}, "sweep.set.model.seed"),
         ({"arms": {"a": {"set": {"model.seed": 3}}}}, "sweep.arms.a.set.model.seed"),
     ):
-        path.write_text(yaml.safe_dump({"sweep": {"experiment": "x", "configs": ["quickstart"], "seeds": [1], **bad}}))
+        path.write_text(yaml.safe_dump({"sweep": {"experiment": "x", "configs": ["tiny"], "seeds": [1], **bad}}))
         with pytest.raises(ConfigError) as e:
             load_grid(path)
         assert e.value.field == field
     arms = {"hi": {"set": {"model.lr": 0.01}}, "lo": {"set": {"model.lr": 0.0001}}}
-    grid = {"experiment": "x", "configs": ["quickstart"], "seeds": [1], "arms": arms, "baselines": "lora_rank"}
+    grid = {"experiment": "x", "configs": ["tiny"], "seeds": [1], "arms": arms, "baselines": "lora_rank"}
     path.write_text(yaml.safe_dump({"sweep": grid}))
     runs = expand(load_grid(path))
     baselines = {r.name: r for r in runs if r.baseline_of}

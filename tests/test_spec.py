@@ -10,7 +10,7 @@ from fff_lightning.errors import ConfigError
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig
 
 ROOT = Path(__file__).parent.parent
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
+QUICK = str(ROOT / "configs" / "tiny.yaml")
 
 
 def test_the_spec_module_imports_nothing_heavy():

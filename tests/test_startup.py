@@ -25,7 +25,7 @@ def _datamodule(paths: dict, tmp_path, packing: bool):
     overlay = tmp_path / "data.yaml"
     overlay.write_text(yaml.safe_dump({"data": {"sources": sources, "cache_dir": str(tmp_path / "cache")}}))
     extra = ["--data.packing", "true"] if packing else []
-    return describe_run("quickstart", overlay, overrides=["--data.num_proc", "2", *extra]).datamodule
+    return describe_run("tiny", overlay, overrides=["--data.num_proc", "2", *extra]).datamodule
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def sweep(grid: Path, logs: Path):
 @pytest.mark.slow
 def test_a_2x2_sweep_runs_records_failures_skips_finished_runs_and_reports(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
-    grid.write_text(GRID.format(quick=ROOT / "configs" / "quickstart.yaml"))
+    grid.write_text(GRID.format(quick=ROOT / "configs" / "tiny.yaml"))
     logs = tmp_path / "logs"
     first = sweep(grid, logs)
     assert first.returncode == 1, first.stdout + first.stderr  # two runs failed, and the sweep says so
@@ -101,7 +101,7 @@ def test_one_sweep_per_experiment_and_a_folder_in_use_is_never_renamed(tmp_path,
     from fff_lightning.sweep import Run, load_grid, lock_experiment, run_grid
 
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(GRID.format(quick=ROOT / "configs" / "quickstart.yaml"))
+    grid_file.write_text(GRID.format(quick=ROOT / "configs" / "tiny.yaml"))
     grid = load_grid(grid_file)
     grid.logs_dir = str(tmp_path / "logs")
     lock_experiment(grid)  # as a first sweep of the experiment would
@@ -148,7 +148,7 @@ def test_a_killed_sweep_takes_its_run_with_it(tmp_path):
     import time
 
     grid = tmp_path / "grid.yaml"
-    grid.write_text(GRID.format(quick=ROOT / "configs" / "quickstart.yaml").replace("max_steps: 4", "max_steps: 500"))
+    grid.write_text(GRID.format(quick=ROOT / "configs" / "tiny.yaml").replace("max_steps: 4", "max_steps: 500"))
     # Not --quiet: the run writes to the sweep's own output (here /dev/null), not to a pipe that would break with it.
     cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp_path)]
     sweep_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)

@@ -19,7 +19,7 @@ def fit_args(logs, *extra, steps=6):
 
 
 def only_run(logs: Path) -> Path:
-    runs = [p for p in (logs / "quickstart").iterdir() if p.is_dir()]
+    runs = [p for p in (logs / "tiny").iterdir() if p.is_dir()]
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -143,7 +143,7 @@ def test_off_budget_run_stops_before_training(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "off budget: 57,600 trainable vs target 60,000 (-4.00%, tolerance 1.00%); not training" in out.stderr
     assert "Traceback" not in out.stderr
-    assert not list((tmp_path / "logs" / "quickstart").iterdir())  # nothing trained, no folder left behind
+    assert not list((tmp_path / "logs" / "tiny").iterdir())  # nothing trained, no folder left behind
     # Within tolerance it trains.
     overlay.write_text(overlay.read_text().replace("tolerance: 0.01", "tolerance: 0.05"))
     cli = run_lightning([*fit_args(tmp_path / "ok", steps=1), "--config", str(overlay)])

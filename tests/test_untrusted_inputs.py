@@ -32,7 +32,7 @@ def refused(argv, capsys, code=2) -> str:
 
 
 def no_run_folder(logs: Path) -> bool:
-    folder = Path(logs) / "quickstart"
+    folder = Path(logs) / "tiny"
     return not folder.exists() or not [p for p in folder.iterdir() if p.is_dir()]
 
 

@@ -54,9 +54,9 @@ class Backend:
         or downloading any weight; architectures FFF cannot wrap are refused here, in one line."""
         from transformers import AutoConfig, MistralConfig
 
-        from fff_lightning import architectures
+        from fff_lightning import architectures, model_source
 
-        path = base.name_or_path
+        path = model_source.local_model(base.name_or_path)
         if Path(path).is_dir():
             config = AutoConfig.from_pretrained(path)
         elif (known := architectures.known_shape(path)) is not None:
@@ -85,7 +85,15 @@ class Backend:
 
     def hub_model(self, base) -> str | None:
         """The hub repository whose files :meth:`load` reads (what ``download`` fetches), or ``None``."""
-        return base.name_or_path
+        from fff_lightning import model_source
+
+        return None if model_source.is_gguf(base.name_or_path) else base.name_or_path
+
+    def model_path(self, base) -> str:
+        """What :meth:`load` loads: a hub id or a folder (a GGUF source's converted one, converted now if need be)."""
+        from fff_lightning import model_source
+
+        return model_source.local_model(base.name_or_path)
 
     def load(self, base, dtype):
         """``(model, tokenizer)``: the base model on this process's device, prepared for k-bit training."""

@@ -68,9 +68,6 @@ def load_pretrained(path: str, load_in_4bit: bool, dtype: torch.dtype) -> nn.Mod
 class HF(Backend):
     name = "hf"
 
-    def model_path(self, base) -> str:
-        return base.name_or_path
-
     def load(self, base, dtype):
         path = self.model_path(base)
         return load_pretrained(path, base.load_in_4bit, dtype), load_tokenizer(base.tokenizer or path)

@@ -43,7 +43,7 @@ class Unsloth(Backend):
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=base.name_or_path,
+            model_name=self.model_path(base),
             max_seq_length=base.max_seq_length,
             dtype=dtype,
             load_in_4bit=base.load_in_4bit,

@@ -18,6 +18,7 @@ the chat template as a ``system`` message.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from fff_lightning.errors import ConfigError
@@ -118,20 +119,58 @@ def render_research(sample: Sample) -> tuple[str, list[tuple[int, int]]]:
 
 
 def render_chat(sample: Sample, tokenizer, template: str | None) -> tuple[str, list[tuple[int, int]]]:
-    """The chat template's text (no BOS: the tokenizer adds it) and the assistant answers' character spans."""
-    messages = [{"role": r, "content": c} for r, c in sample]
+    """The chat template's text (no BOS: the tokenizer adds it) and the assistant answers' character spans, as the
+    template renders them: many templates trim each message (Llama 3's ``| trim``; Qwen3 strips an answer's leading
+    newlines), so real data whose messages begin or end with spaces or newlines is scored on the trimmed text.
+
+    The template is rendered twice: once with the messages, once with a unique mark in place of each message. The
+    marks cut the second text into the template's own fragments (role headers, end-of-turn tokens), which the first
+    text must reproduce around each message's rendered text: the message itself, or it trimmed at either end.
+    """
+    marks = [f"\ue000{i}\ue001" for i in range(len(sample))]  # private-use characters: in no real text
+    text = _apply_template(tokenizer, [{"role": r, "content": c} for r, c in sample], template)
+    skeleton = _apply_template(
+        tokenizer, [{"role": r, "content": m} for (r, _), m in zip(sample, marks, strict=True)], template
+    )
+    fragments = re.split("\ue000\\d+\ue001", skeleton)
+    if re.findall("\ue000(\\d+)\ue001", skeleton) != [str(i) for i in range(len(sample))]:
+        raise ValueError("the chat template does not render each message once, in order")
+    if not text.startswith(fragments[0]):
+        raise ValueError("the chat template renders its start differently for these messages")
+    spans, pos = [], len(fragments[0])
+    for (role, content), after in zip(sample, fragments[1:], strict=True):
+        for rendered in _renderings(content):
+            if text.startswith(rendered, pos) and text.startswith(after, pos + len(rendered)):
+                break
+        else:
+            raise ValueError(
+                f"the chat template changes a {role} message's text beyond trimming its ends "
+                f"(message starts {content[:40]!r})"
+            )
+        if role == "assistant":
+            spans.append((pos, pos + len(rendered)))
+        pos += len(rendered) + len(after)
+    if pos != len(text):
+        raise ValueError("the chat template renders more text than its messages and fragments")
+    return text, spans
+
+
+def _apply_template(tokenizer, messages: list[dict], template: str | None) -> str:
     text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
     if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
         text = text[len(tokenizer.bos_token) :]
-    spans, pos = [], 0
-    for role, content in sample:
-        start = text.find(content, pos)
-        if start < 0:
-            raise ValueError("the chat template does not reproduce a message's text verbatim")
-        pos = start + len(content)
-        if role == "assistant":
-            spans.append((start, pos))
-    return text, spans
+    return text
+
+
+def _renderings(content: str) -> list[str]:
+    """What a template may have made of a message: itself, or trimmed (all whitespace, or newlines only) at either
+    end; the message itself first."""
+    out = [content]
+    for form in (content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"), content.lstrip("\n"),
+                 content.rstrip("\n")):  # fmt: skip
+        if form not in out:
+            out.append(form)
+    return out
 
 
 def tokenize_sample(

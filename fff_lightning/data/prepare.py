@@ -114,9 +114,12 @@ def _tokenize(ds, src: SourceConfig, tokenizer, opts: TextOptions, num_proc: int
             except (TypeError, KeyError) as e:
                 raise ConfigError(f"data.sources.{src.name}", f"{where(i)}: {e}") from None
             for s in samples:
-                t = tokenize_sample(
-                    s, tokenizer, opts.style, opts.loss_on, opts.max_seq_length, opts.chat_template, opts.eos
-                )
+                try:
+                    t = tokenize_sample(
+                        s, tokenizer, opts.style, opts.loss_on, opts.max_seq_length, opts.chat_template, opts.eos
+                    )
+                except ValueError as e:  # a chat template that cannot render the row as the data has it
+                    raise ConfigError(f"data.sources.{src.name}", f"{where(i)}: {e}") from None
                 for k in ("input_ids", "labels", "truncated"):
                     out[k].append(t[k])
                 out["length"].append(len(t["input_ids"]))

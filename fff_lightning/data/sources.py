@@ -33,7 +33,8 @@ class SourceConfig:
 
     Attributes:
         name: the dataset's name in logs and tables (``metamath``...).
-        path: hub id, local file or folder (jsonl/json/parquet), or ``bundled:<name>`` for a bundled sample.
+        path: hub id, local file or folder (jsonl/json/parquet), or ``bundled:<name>`` for bundled data: a sample
+            (``bundled:metamath``) or the real data (``bundled:real/math``, with ``train`` and ``validation`` splits).
         schema: ``magicoder``, ``metamath``, ``ultrachat``, ``artificial_thinker`` or ``prompt_response``.
         train_split: split to train on.
         train_rows: rows to take for training: a count, a fraction in (0, 1], or ``None`` for all.
@@ -118,10 +119,12 @@ def resolve_path(src: SourceConfig) -> tuple[str, str | None, list[str] | None]:
     """``(builder, hub_id, files)``: ``("json", None, [file])`` for local files, ``("hub", id, None)`` for the hub."""
     path = src.path
     if path.startswith("bundled:"):
-        file = BUNDLED / f"{path.removeprefix('bundled:')}.jsonl"
-        if not file.is_file():
-            names = sorted(p.stem for p in BUNDLED.glob("*.jsonl"))
-            raise ConfigError(f"data.sources.{src.name}.path", f"no bundled sample {path!r}; bundled: {names}")
+        name = path.removeprefix("bundled:")
+        file, folder = BUNDLED / f"{name}.jsonl", BUNDLED / name
+        if ".." in Path(name).parts or not (file.is_file() or (folder / "train.jsonl").is_file()):
+            raise ConfigError(f"data.sources.{src.name}.path", f"no bundled data {path!r}; bundled: {bundled_names()}")
+        if not file.is_file():  # a bundled folder: one file per split (train.jsonl, validation.jsonl)
+            return "json", None, sorted(str(f) for f in folder.glob("*.jsonl"))
         return "json", None, [str(file)]
     p = Path(path)
     if p.is_file():
@@ -140,6 +143,13 @@ def resolve_path(src: SourceConfig) -> tuple[str, str | None, list[str] | None]:
     if looks_local:
         raise ConfigError(f"data.sources.{src.name}.path", f"no such file or folder: {path}")
     return "hub", path, None
+
+
+def bundled_names() -> list[str]:
+    """What ``bundled:`` names: the samples (``metamath``...) and the real data's folders (``real/math``...)."""
+    files = [p.stem for p in BUNDLED.glob("*.jsonl")]
+    folders = [str(p.parent.relative_to(BUNDLED)) for p in BUNDLED.rglob("train.jsonl")]
+    return sorted(files + folders)
 
 
 def check_json_lines(file: str) -> None:

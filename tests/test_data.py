@@ -322,7 +322,8 @@ def write(tmp_path, name, text):
             ),
             "num.jsonl, line 2: column 'query' holds int, not text",  # named by file and line
         ),
-        (lambda t: SourceConfig("x", "bundled:nothing", "metamath"), "no bundled sample 'bundled:nothing'"),
+        (lambda t: SourceConfig("x", "bundled:nothing", "metamath"), "no bundled data 'bundled:nothing'"),
+        (lambda t: SourceConfig("x", "bundled:real/../real/math", "metamath"), "no bundled data"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_training(tmp_path, make, message):

@@ -56,11 +56,11 @@ class Backend:
 
         from fff_lightning import architectures, model_source
 
-        path = model_source.local_model(base.name_or_path)
-        if Path(path).is_dir():
+        path = base.name_or_path
+        if (known := architectures.known_shape(path)) is not None and not Path(path).exists():
+            config = known  # a popular checkpoint's, or the pinned GGUF file's: nothing fetched or converted
+        elif Path(path := model_source.local_model(path)).is_dir():
             config = AutoConfig.from_pretrained(path)
-        elif (known := architectures.known_shape(path)) is not None:
-            config = known
         elif path.lower() in KNOWN_7B:
             config = MistralConfig()  # its defaults are Mistral-7B-v0.1's shape
         else:

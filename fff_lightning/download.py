@@ -101,7 +101,7 @@ def _model_repos(described, notes: list[str]) -> dict[str, str]:
     else:
         notes.append(f"the base model is the local folder {weights}: nothing to download")
     tokenizer = dm.tokenizer_name
-    if model_source.is_gguf(tokenizer or ""):
+    if tokenizer and model_source.is_gguf(tokenizer):
         return repos
     if _is_hub_id(tokenizer) and tokenizer not in repos:
         repos[tokenizer] = "the tokenizer"

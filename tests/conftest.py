@@ -15,6 +15,8 @@ os.environ.setdefault(
 )  # fmt: skip
 # Keep what the tests build (tokenizer folder, tiny models) out of the user's cache, and never touch a hub.
 os.environ.setdefault("FFF_CACHE", tempfile.mkdtemp(prefix="fff-test-cache-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 

@@ -188,6 +188,9 @@ def test_chat_template_style(tmp_path, tok):
     t = tokenize_sample([("user", "Hi?"), ("assistant", "Hello!")], tok, "chat_template", "assistant", 99, template)
     learned = [i for i, lab in zip(t["input_ids"], t["labels"], strict=True) if lab != -100]
     assert tok.decode(learned, skip_special_tokens=True) == "Hello!"
+    # the template's own </s> closes the answer: scored (the model learns to stop), and no second EOS after it
+    assert learned[-1] == tok.eos_token_id and t["input_ids"].count(tok.eos_token_id) == 1
+    assert t["input_ids"][0] == tok.bos_token_id and t["input_ids"].count(tok.bos_token_id) == 1  # the tokenizer's
     with pytest.raises(ConfigError, match="data.chat_template: the tokenizer has no chat template"):
         dm(tmp_path, text_style="chat_template").setup("fit")
 

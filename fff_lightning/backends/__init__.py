@@ -51,7 +51,8 @@ class Backend:
 
     def shape(self, base):
         """The base model's ``transformers`` config (its language model's, for a multimodal one), without loading
-        or downloading any weight; architectures FFF cannot wrap are refused here, in one line."""
+        any weight (a PyPI GGUF source not pinned in ``SHAPES`` is fetched, not converted); architectures FFF cannot
+        wrap are refused here, in one line."""
         from transformers import AutoConfig, MistralConfig
 
         from fff_lightning import architectures, model_source
@@ -59,7 +60,9 @@ class Backend:
         path = base.name_or_path
         if (known := architectures.known_shape(path)) is not None and not Path(path).exists():
             config = known  # a popular checkpoint's, or the pinned GGUF file's: nothing fetched or converted
-        elif Path(path := model_source.local_model(path)).is_dir():
+        elif model_source.is_gguf(path):
+            config = model_source.config_of(path)  # the file's header: converted only when the model loads
+        elif Path(path).is_dir():
             config = AutoConfig.from_pretrained(path)
         elif path.lower() in KNOWN_7B:
             config = MistralConfig()  # its defaults are Mistral-7B-v0.1's shape

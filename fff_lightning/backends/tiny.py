@@ -1,5 +1,5 @@
 """The ``tiny`` backend: a random-weight Mistral of :class:`~fff_lightning.spec.TinyConfig`'s sizes (the real
-architecture) with the real Mistral tokenizer from ``mistral-common``, for CPUs (tests, the quickstart). Written
+architecture) with the real Mistral tokenizer from ``mistral-common``, for CPUs (tests, configs/tiny.yaml). Written
 once per size and seed to the cache folder, then loaded like any local model through :mod:`.hf`."""
 
 from __future__ import annotations

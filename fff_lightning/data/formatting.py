@@ -125,8 +125,11 @@ def render_chat(sample: Sample, tokenizer, template: str | None) -> tuple[str, l
 
     The template is rendered twice: once with the messages, once with a unique mark in place of each message. The
     marks cut the second text into the template's own fragments (role headers, end-of-turn tokens), which the first
-    text must reproduce around each message's rendered text: the message itself, or it trimmed at either end.
+    text must reproduce around each message's rendered text: the message itself, or it trimmed at either end. An
+    answer's span takes in the EOS token the template closes it with (ChatML's ``<|im_end|>``), so the model
+    learns to end its turn.
     """
+    eos = tokenizer.eos_token or ""
     marks = [f"\ue000{i}\ue001" for i in range(len(sample))]  # private-use characters: in no real text
     text = _apply_template(tokenizer, [{"role": r, "content": c} for r, c in sample], template)
     skeleton = _apply_template(
@@ -148,18 +151,36 @@ def render_chat(sample: Sample, tokenizer, template: str | None) -> tuple[str, l
                 f"(message starts {content[:40]!r})"
             )
         if role == "assistant":
-            spans.append((pos, pos + len(rendered)))
+            closed = len(eos) if eos and after.startswith(eos) else 0
+            spans.append((pos, pos + len(rendered) + closed))
         pos += len(rendered) + len(after)
     if pos != len(text):
         raise ValueError("the chat template renders more text than its messages and fragments")
     return text, spans
 
 
-def _apply_template(tokenizer, messages: list[dict], template: str | None) -> str:
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-    if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
-        text = text[len(tokenizer.bos_token) :]
+def _apply_template(tokenizer, messages: list[dict], template: str | None, **kwargs) -> str:
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+    return without_added_bos(tokenizer, text)
+
+
+def without_added_bos(tokenizer, text: str) -> str:
+    """A template's text without the BOS it starts with when the tokenizer adds that BOS itself (Mistral's ``<s>``);
+    a BOS the tokenizer does not add stays (SmolLM2's is ``<|im_start|>``, the start of every ChatML turn)."""
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and adds_bos(tokenizer):
+        return text[len(bos) :]
     return text
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether encoding with special tokens puts the BOS first (remembered on the tokenizer)."""
+    known = tokenizer.__dict__.get("_fff_adds_bos")
+    if known is None:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+        known = bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+        tokenizer.__dict__["_fff_adds_bos"] = known
+    return known
 
 
 def _renderings(content: str) -> list[str]:
@@ -189,7 +210,9 @@ def tokenize_sample(
     # Research text is plain text: SentencePiece's own ids. A chat template's text holds special tokens, which
     # only the transformers tokenizer reads as such.
     ids, offsets = encode(tokenizer, text, sentencepiece=style == "research")
-    end = [tokenizer.eos_token_id] if eos else []
+    # A chat template that closes the last answer with EOS has closed the sample: no second EOS after it.
+    closed = style != "research" and spans and text[: spans[-1][1]].endswith(tokenizer.eos_token or "\0")
+    end = [tokenizer.eos_token_id] if eos and not closed else []
     if loss_on == "all":
         labels = ids + end
     else:

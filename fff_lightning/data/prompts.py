@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from fff_lightning.data.formatting import without_added_bos
 from fff_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class PromptRows(Dataset):
                 tokenize=False,
                 add_generation_prompt=True,
             )
-            text = text.removeprefix(self.tokenizer.bos_token or "")
+            text = without_added_bos(self.tokenizer, text)
         from fff_lightning.tokenizer import encode
 
         ids = encode(self.tokenizer, text, sentencepiece=self.style == "research")[0]

@@ -121,7 +121,8 @@ def resolve_path(src: SourceConfig) -> tuple[str, str | None, list[str] | None]:
     if path.startswith("bundled:"):
         name = path.removeprefix("bundled:")
         file, folder = BUNDLED / f"{name}.jsonl", BUNDLED / name
-        if ".." in Path(name).parts or not (file.is_file() or (folder / "train.jsonl").is_file()):
+        inside = folder.resolve().is_relative_to(BUNDLED.resolve()) and ".." not in Path(name).parts
+        if not inside or not (file.is_file() or (folder / "train.jsonl").is_file()):
             raise ConfigError(f"data.sources.{src.name}.path", f"no bundled data {path!r}; bundled: {bundled_names()}")
         if not file.is_file():  # a bundled folder: one file per split (train.jsonl, validation.jsonl)
             return "json", None, sorted(str(f) for f in folder.glob("*.jsonl"))

@@ -61,7 +61,13 @@ def paired_difference(a: list, b: list, level: float = LEVEL, rng_seed: int = 0)
     lb, tb = (np.stack([np.asarray(x[i], dtype=float) for x in b]) for i in (0, 1))
     if la.shape != lb.shape:
         raise ValueError("the two sides were validated on different samples")
+    # A sample with no scored token (its answer cut off by max_seq_length) weighs nothing in any loss; left in, a
+    # replicate drawing only such samples would divide 0 by 0.
+    scored = (ta > 0).all(0) & (tb > 0).all(0)
+    la, ta, lb, tb = la[:, scored], ta[:, scored], lb[:, scored], tb[:, scored]
     pairs, samples = la.shape
+    if samples == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), pairs, "no sample has a scored token")
     point = float(np.mean(la.sum(1) / ta.sum(1) - lb.sum(1) / tb.sum(1)))
     rng = np.random.default_rng(rng_seed)
     # Samples: a multinomial count per sample (the same resample for every pair: the samples are shared);
@@ -87,6 +93,8 @@ def verdict(d: Interval, a: str = "A", b: str = "B") -> str:
         return "no verdict: a loss is not finite (a run diverged)"
     if d.n < 2:
         return "no verdict: one seed pair (another seed may reverse it; run more seeds)"
+    if not (np.isfinite(d.low) and np.isfinite(d.high)):
+        return "no verdict: the interval is not finite"
     if d.high < 0:
         return f"{a} lower"
     if d.low > 0:

@@ -27,6 +27,7 @@ def gguf():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real")  # one worker converts the GGUF file once for both
 def test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers(gguf, tmp_path):
     """The quickstart's model and data, a few steps: the untrained model's held-out losses are a pretrained model's
     (a random one scores ~10.9), training moves them, and predict writes answers."""
@@ -73,6 +74,7 @@ def test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers(ggu
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real")
 def test_the_tokenizer_of_a_gguf_file_has_the_files_special_tokens(gguf):
     """transformers 5.17 names SmolLM2's BOS (<|im_start|>) as its EOS too; the converted folder has the file's."""
     from fff_lightning.tokenizer import load_tokenizer

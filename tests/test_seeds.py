@@ -59,6 +59,12 @@ def test_paired_bootstrap_detects_a_shift_and_not_noise():
     per_pair = [a.sum() / t.sum() - b.sum() / t.sum() for (a, t), (b, _) in zip(same_a, same_b, strict=True)]
     t = stats.seed_interval(per_pair)
     assert n.low <= t.low and n.high >= t.high
+    # samples with no scored token (answers cut off by max_seq_length) weigh nothing: no 0/0 in any replicate
+    few = np.array([0, 0, 0, 0, 0, 0, 40, 50])
+    cut_a = [(few * 1.10 * s, few) for s in (1.0, 1.01, 0.99)]
+    cut_b = [(few * 1.00 * s, few) for s in (1.0, 0.99, 1.01)]
+    c = stats.paired_difference(cut_a, cut_b)
+    assert np.isfinite(c.low) and np.isfinite(c.high) and stats.verdict(c) != "no resolvable difference (95%)"
 
 
 def _sweep(tmp_path: Path, steps: int = 4) -> tuple[Path, subprocess.CompletedProcess]:
@@ -93,6 +99,7 @@ def seeded(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("seeded")  # one worker builds the module's 9-run sweep, not each
 def test_a_planted_difference_is_found_and_seeds_alone_are_not(seeded, capsys):
     tmp, grid, out = seeded
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # one seed failed
@@ -126,6 +133,7 @@ def test_a_planted_difference_is_found_and_seeds_alone_are_not(seeded, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("seeded")  # one worker builds the module's 9-run sweep, not each
 def test_a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(seeded, tmp_path):
     tmp, grid, _ = seeded
     cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp), "--dry-run"]

@@ -17,6 +17,7 @@ hub ids and folders as they are; :func:`config_of` reads a shape without convert
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -248,8 +249,13 @@ def convert(file: Path, pinned: str | None = None) -> Path:
     dest = converted_dir(file)
     if (dest / "fff_source.json").is_file():
         return dest
-    print(f"Converting {file.name} to a model folder (once; kept in {dest}) ...", file=sys.stderr)
-    return write_atomically(dest, lambda folder: _convert_into(file, digest, folder), replace=dest.exists())
+    _mkdir(dest.parent)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting the same file: wait for its folder
+        if (dest / "fff_source.json").is_file():
+            return dest
+        print(f"Converting {file.name} to a model folder (once; kept in {dest}) ...", file=sys.stderr)
+        return write_atomically(dest, lambda folder: _convert_into(file, digest, folder), replace=dest.exists())
 
 
 def gguf_metadata(file: Path) -> dict:

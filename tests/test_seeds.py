@@ -99,7 +99,6 @@ def seeded(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("seeded")  # one worker builds the module's 9-run sweep, not each
 def test_a_planted_difference_is_found_and_seeds_alone_are_not(seeded, capsys):
     tmp, grid, out = seeded
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # one seed failed
@@ -133,7 +132,6 @@ def test_a_planted_difference_is_found_and_seeds_alone_are_not(seeded, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("seeded")  # one worker builds the module's 9-run sweep, not each
 def test_a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(seeded, tmp_path):
     tmp, grid, _ = seeded
     cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp), "--dry-run"]

@@ -1,9 +1,9 @@
-"""The adapters on a model: the one place that knows which parameters are adapters (it drives ``requires_grad``,
-counting and saving), the one order in which they are put on a model, their count on the meta device, and the
-adapter files.
+"""The adapters on a model: the one place that asks the adapter kinds (:mod:`fff_lightning.kinds`) which
+parameters are adapters (it drives ``requires_grad``, counting and saving), puts them on a model in the kinds'
+order, counts them on the meta device, and reads and writes adapter files.
 
 An adapter file is a folder with ``adapter_model.safetensors`` (adapter tensors only) and
-``fff_adapter_config.json`` (the FFF and LoRA configs, the base model's shape, the parameter counts).
+``fff_adapter_config.json`` (each kind's config, the base model's shape, the parameter counts).
 """
 
 from __future__ import annotations
@@ -15,23 +15,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fff_lightning import kinds
 from fff_lightning.errors import ConfigError
-from fff_lightning.spec import CONFIG_NAME, FFF_PREFIX, WEIGHTS_NAME, AdapterSpec, Budget
+from fff_lightning.kinds import Injection
+from fff_lightning.spec import CONFIG_NAME, WEIGHTS_NAME, AdapterSpec, Budget
 
-#: The adapter-folder format this version writes and reads.
+#: The adapter-folder format this version writes and reads (other kinds than FFF and LoRA add their own key).
 FORMAT_VERSION = 1
 FLOAT_DTYPES = ("F32", "BF16", "F16")
-ADAPTER_KINDS = ("fff", "lora")
 _PEFT_PREFIX = "base_model.model."
 
 
-def adapter_kind(name: str) -> str | None:
-    """``"fff"``, ``"lora"`` or ``None`` (a frozen base parameter) for a parameter name."""
-    if f".{FFF_PREFIX}." in name or name.startswith(f"{FFF_PREFIX}."):
-        return "fff"
-    if ".lora_" in name:
-        return "lora"
-    return None
+def adapter_kind(name: str, spec: AdapterSpec | None = None) -> str | None:
+    """The adapter kind (``"fff"``, ``"lora"``...) of a parameter name, ``None`` for a frozen base parameter;
+    with ``spec``, among that run's kinds (DoRA's and LoRA's parameters are named alike)."""
+    return spec.kind_of(name) if spec is not None else kinds.kind_of(name)
 
 
 def is_adapter(name: str) -> bool:
@@ -50,23 +48,29 @@ def mark_only_adapters_trainable(model: nn.Module) -> None:
         param.requires_grad = is_adapter(name)
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts: ``fff``, ``lora``, ``trainable`` (their sum) and ``base`` (everything else).
+def count_parameters(model: nn.Module, spec: AdapterSpec | None = None) -> dict[str, int]:
+    """Parameter counts: ``fff``, ``lora`` (and each other kind present), ``trainable`` (their sum) and ``base``
+    (everything else). Give the run's ``spec`` where it has DoRA: without it, DoRA's parameters (named like
+    LoRA's) count as ``lora``.
 
     On a 4-bit model ``base`` counts packed storage (half the real count); use the budget for the real shape.
     """
-    counts = dict.fromkeys((*ADAPTER_KINDS, "base"), 0)
+    counts = {"fff": 0, "lora": 0}
+    base = 0
     for name, param in model.named_parameters():
-        counts[adapter_kind(name) or "base"] += param.numel()
-    counts["trainable"] = counts["fff"] + counts["lora"]
-    return counts
+        kind = adapter_kind(name, spec)
+        if kind is None:
+            base += param.numel()
+        else:
+            counts[kind] = counts.get(kind, 0) + param.numel()
+    return {**counts, "trainable": sum(counts.values()), "base": base}
 
 
 # -- putting adapters on a model ---------------------------------------------------------------------------------
 def apply_adapters(spec: AdapterSpec, model: nn.Module, shape, add_lora=None):
-    """Put ``spec``'s adapters on ``model`` in the one order that also works under Unsloth: FFF on the targeted
-    projections, then LoRA (naming the wrapped projections' inner layer, so its delta sees FFF's output), then the
-    one trainable filter.
+    """Put ``spec``'s adapters on ``model`` in the kinds' order, one order that also works under Unsloth: FFF on
+    the targeted projections, a parallel adapter beside the MLP, then LoRA or DoRA (naming the wrapped projections'
+    inner layer, so its delta sees FFF's output), then the one trainable filter.
 
     Args:
         spec: which adapters.
@@ -78,18 +82,12 @@ def apply_adapters(spec: AdapterSpec, model: nn.Module, shape, add_lora=None):
     Returns:
         ``(model, wrapped)``: the adapted model (a ``PeftModel`` with LoRA) and the FFF-wrapped modules' names.
     """
-    from fff_lightning.fff import inject_fff
-    from fff_lightning.lora import apply_lora
-
     spec.check(shape)
-    wrapped = inject_fff(model, spec.fff, shape.hidden_size, shape.rms_norm_eps) if spec.fff else []
-    if spec.lora is not None:
-        if add_lora is None:
-            model = apply_lora(model, spec.lora, shape.num_hidden_layers, wrapped)
-        else:
-            model = add_lora(model, spec.lora, wrapped)
+    ctx = Injection(add_lora=add_lora)
+    for kind in spec.kinds():
+        model = kind.inject(model, spec.configs[kind.name], shape, ctx)
     mark_only_adapters_trainable(model)
-    return model, wrapped
+    return model, ctx.wrapped
 
 
 _META: dict[str, tuple[int, dict[str, tuple[int, ...]]]] = {}
@@ -114,10 +112,10 @@ def _on_meta(spec: AdapterSpec, shape) -> tuple[int, dict[str, tuple[int, ...]]]
 def count_adapters(spec: AdapterSpec, shape) -> Budget:
     """The adapters' parameter counts on a model of ``shape``, counted on the meta device."""
     base, shapes = _on_meta(spec, shape)
-    counts = dict.fromkeys(ADAPTER_KINDS, 0)
+    counts = dict.fromkeys(spec.configs, 0)
     for name, dims in shapes.items():
-        counts[adapter_kind(name)] += math.prod(dims)
-    return Budget(fff=counts["fff"], lora=counts["lora"], base=base)
+        counts[adapter_kind(name, spec)] += math.prod(dims)
+    return Budget(fff=counts.pop("fff", 0), lora=counts.pop("lora", 0), base=base, others=counts)
 
 
 def adapter_shapes(spec: AdapterSpec, shape) -> dict[str, tuple[int, ...]]:
@@ -130,12 +128,12 @@ def check_size(spec: AdapterSpec, shape) -> Budget:
     before anything is allocated; returns their budget."""
     budget = count_adapters(spec, shape)
     if budget.trainable > budget.base:
-        field = "model.fff" if budget.fff >= budget.lora else "model.lora"
-        knob = "width or n_sublayers" if field == "model.fff" else "r"
+        largest = max(budget.counts, key=budget.counts.get)
+        knob = "width or n_sublayers" if largest == "fff" else kinds.get(largest).match_field
         raise ConfigError(
-            field,
+            f"model.{largest}",
             f"the adapters would have {budget.trainable:,} parameters, more than the base model's {budget.base:,}: "
-            f"lower {field}.{knob}",
+            f"lower model.{largest}.{knob}",
         )
     return budget
 
@@ -150,9 +148,11 @@ def read_spec(folder: str | Path) -> AdapterSpec:
         raise ConfigError("adapter", f"{Path(folder) / CONFIG_NAME}: {e}") from None
 
 
-def resolve_adapters(fff, lora, adapter_path: str | Path | None = None) -> AdapterSpec:
-    """The run's adapters from its config and, if given, a saved adapter folder, which then decides."""
-    return AdapterSpec.resolve(fff, lora, read_spec(adapter_path) if adapter_path is not None else None)
+def resolve_adapters(fff=None, lora=None, adapter_path: str | Path | None = None, **others) -> AdapterSpec:
+    """The run's adapters from its config (each kind's section, ``None`` when absent) and, if given, a saved
+    adapter folder, which then decides."""
+    configs = {"fff": fff, "lora": lora, **others}
+    return AdapterSpec.resolve(configs, read_spec(adapter_path) if adapter_path is not None else None)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -160,7 +160,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {canonical_name(n): p.detach() for n, p in model.named_parameters() if is_adapter(n)}
 
 
-def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, base: dict | None = None) -> Path:
+def save_adapters(
+    model: nn.Module, folder: str | Path, fff=None, lora=None, base: dict | None = None, spec: AdapterSpec | None = None
+) -> Path:
     """Write the adapters alone to ``folder``: safetensors weights and a readable JSON config.
 
     The folder is written beside its place and renamed into it, so an earlier export survives a crash or a full
@@ -172,6 +174,7 @@ def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, bas
         fff: the :class:`~fff_lightning.spec.FFFConfig` used, or ``None``.
         lora: the :class:`~fff_lightning.spec.LoRAConfig` used, or ``None``.
         base: facts about the base model to check on load (``hidden_size``, ``num_hidden_layers``, ...).
+        spec: the run's :class:`~fff_lightning.spec.AdapterSpec` (in place of ``fff`` and ``lora``: any kinds).
     """
     from safetensors.torch import save
 
@@ -181,12 +184,13 @@ def save_adapters(model: nn.Module, folder: str | Path, fff=None, lora=None, bas
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteAdapters(f"{len(bad)} adapter tensor(s) hold NaN or infinity (e.g. {bad[0]}); not saved")
-    counts = count_parameters(model)
+    spec = spec if spec is not None else AdapterSpec(fff, lora)
+    counts = count_parameters(model, spec)
     config = {
         "format_version": FORMAT_VERSION,
-        **AdapterSpec(fff, lora).to_dict(),
+        **spec.to_dict(),
         "base_model": base or {},
-        "parameters": {k: counts[k] for k in (*ADAPTER_KINDS, "trainable")},
+        "parameters": {k: v for k, v in counts.items() if k != "base"},
     }
 
     data = save(tensors, metadata={"format": "pt"})  # serialised here, written by Python: a full disk is an OSError

@@ -7,12 +7,12 @@ Mistral-7B's shape is known offline, so a budget takes seconds on a CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fff_lightning.errors import ConfigError
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, Budget, FFFConfig, LoRAConfig
 
-__all__ = ["Budget", "Match", "count_budget", "match_fff_width", "match_lora_rank", "run_budget"]
+__all__ = ["Budget", "Match", "count_budget", "match_fff_width", "match_kind", "match_lora_rank", "run_budget"]
 
 
 def count_budget(shape, fff: FFFConfig | None, lora: LoRAConfig | None) -> Budget:
@@ -63,23 +63,40 @@ def _closest_int(f, target: int) -> int:
     return min({max(1, guess - 1), guess, guess + 1}, key=lambda v: (abs(offset + slope * v - target), v))
 
 
+def match_kind(shape, target: int, spec: AdapterSpec | None, name: str) -> Match:
+    """The run whose adapter kind ``name`` is sized (its ``match_field``: LoRA's and DoRA's rank, FFF's width, the
+    parallel adapter's bottleneck) so that its trainable count is closest to ``target``. A kind matched alone (a
+    baseline: LoRA, DoRA, par_bn) starts from ``spec``'s section of it, else its defaults; FFF is matched with
+    ``spec``'s other adapters as given (step 2's question)."""
+    from fff_lightning import kinds
+    from fff_lightning.adapters import count_adapters
+
+    kind = kinds.get(name)
+    if kind.match_field is None:
+        raise ConfigError("--match", f"the {name} kind has no size to match")
+    current = spec.configs.get(name) if spec is not None else None
+    if kind.match_alone:
+        template = current if current is not None else kind.default()
+
+        def run(v: int) -> AdapterSpec:
+            return AdapterSpec(**{name: kind.with_size(template, v)})
+    else:
+        if current is None:
+            raise ConfigError(f"model.{name}", f"--match {name} needs a run with a {name} section")
+
+        def run(v: int) -> AdapterSpec:
+            return AdapterSpec(**{**spec.configs, name: kind.with_size(current, v)})
+
+    v = _closest_int(lambda v: count_adapters(run(v), shape).trainable, target)
+    return Match(f"{name}.{kind.match_field}", v, count_adapters(run(v), shape), target)
+
+
 def match_lora_rank(shape, target: int, lora: LoRAConfig | None = None) -> Match:
     """The LoRA-only run (modules/layers of ``lora``, default all seven linear modules of every layer) whose
     trainable count is closest to ``target``. Alpha keeps the research's ratio r/2 unless ``lora`` fixes it."""
-    template = lora or LoRAConfig()
-
-    def with_rank(r: int) -> LoRAConfig:
-        return replace(template, preset=None, r=r, alpha=template.alpha)
-
-    r = _closest_int(lambda r: count_budget(shape, None, with_rank(r)).trainable, target)
-    return Match("lora.r", r, count_budget(shape, None, with_rank(r)), target)
+    return match_kind(shape, target, AdapterSpec(lora=lora) if lora is not None else None, "lora")
 
 
 def match_fff_width(shape, target: int, fff: FFFConfig, lora: LoRAConfig | None = None) -> Match:
     """The uniform FFF width (other FFF fields and any LoRA as given) whose run total is closest to ``target``."""
-
-    def with_width(w: int) -> FFFConfig:
-        return replace(fff, width=w)
-
-    w = _closest_int(lambda w: count_budget(shape, with_width(w), lora).trainable, target)
-    return Match("fff.width", w, count_budget(shape, with_width(w), lora), target)
+    return match_kind(shape, target, AdapterSpec(fff, lora), "fff")

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from fff_lightning import backends
+from fff_lightning import backends, kinds
 from fff_lightning.errors import ConfigError
 
+#: The names --match took before adapter kinds were plug-ins.
+MATCH_ALIASES = {"lora_rank": "lora", "fff_width": "fff"}
 DESCRIPTION = """\
 Print the trainable parameters of a run (per adapter, total, share of the base model) for the run's real
-model shape, without loading or downloading weights. With --match, solve the other side of a fair comparison:
-  --match lora_rank   the LoRA-only rank whose budget is closest to this run's (or to --target)
-  --match fff_width   the FFF width (this run's FFF shape and LoRA) whose budget is closest to --target
+model shape, without loading or downloading weights. With --match KIND, solve the other side of a fair comparison:
+  --match lora      the LoRA-only rank whose budget is closest to this run's (or to --target); also lora_rank
+  --match dora      the DoRA-only rank, likewise
+  --match par_bn    the parallel bottleneck adapter alone: its bottleneck width, likewise
+  --match fff       the FFF width (this run's FFF shape and other adapters) closest to --target; also fff_width
 With --memory, print the memory plan `fit` would choose on a card of that many GB (usable: 0.5 GiB less) for the
 largest step the data config allows (batch_size x max_seq_length, or tokens_per_batch when packing), e.g.
   --memory 8        one card        --memory 6,8,12,16,24,141   a table
@@ -28,11 +32,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", "-c", action="append", required=True, help="a run config, as `fit` takes it (repeat to stack)"
     )
-    p.add_argument("--match", choices=["lora_rank", "fff_width"], help="solve the other side of a comparison")
+    p.add_argument(
+        "--match",
+        choices=[*kinds.names(), *MATCH_ALIASES],
+        help="an adapter kind: solve its size for the other side of a comparison",
+    )
     p.add_argument(
         "--target",
         help="budget to match: a number of parameters or another run config, whose adapters are counted on this "
-        "run's base model (default for lora_rank: this run's budget)",
+        "run's base model (default for a kind matched alone: this run's budget)",
     )
     p.add_argument(
         "--memory",
@@ -44,12 +52,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _target(value: str | None, default: int | None, shape) -> int:
+def _target(value: str | None, default: int | None, shape, match: str = "fff") -> int:
     from fff_lightning.budget import config_budget
 
     if value is None:
         if default is None:
-            raise ConfigError("--target", "--match fff_width needs a target: a number or another run config")
+            raise ConfigError("--target", f"--match {match} needs a target: a number or another run config")
         return default
     if value.replace("_", "").replace(",", "").isdigit():
         return int(value.replace("_", "").replace(",", ""))
@@ -115,7 +123,7 @@ def memory_plans(described, cards: list[float]) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
-    from fff_lightning.budget import match_fff_width, match_lora_rank
+    from fff_lightning.budget import match_kind
     from fff_lightning.run_config import describe_run
 
     described = describe_run(*args.config, overrides=overrides)
@@ -130,19 +138,19 @@ def main(argv: list[str]) -> None:
     result: dict = {
         "config": args.config if len(args.config) > 1 else args.config[0],
         "model": backends.get(base.backend).model_name(base),
-        "fff": budget.fff,
-        "lora": budget.lora,
+        **budget.counts,
         "trainable": budget.trainable,
         "base": budget.base,
         "share": budget.share,
     }
     match = None
-    if args.match == "lora_rank":
-        match = match_lora_rank(shape, _target(args.target, budget.trainable, shape), spec.lora)
-    elif args.match == "fff_width":
-        if spec.fff is None:
-            raise ConfigError("model.fff", "--match fff_width needs a run with an fff section")
-        match = match_fff_width(shape, _target(args.target, None, shape), spec.fff, spec.lora)
+    if args.match is not None:
+        name = MATCH_ALIASES.get(args.match, args.match)
+        kind = kinds.get(name)
+        if not kind.match_alone and spec.configs.get(name) is None:
+            raise ConfigError(f"model.{name}", f"--match {args.match} needs a run with a {name} section")
+        default = budget.trainable if kind.match_alone else None
+        match = match_kind(shape, _target(args.target, default, shape, args.match), spec, name)
     if match is not None:
         result["match"] = {
             "field": match.field,
@@ -156,8 +164,7 @@ def main(argv: list[str]) -> None:
         return
     fmt = "{:,}".format
     rows = [
-        ("FFF", fmt(budget.fff)),
-        ("LoRA", fmt(budget.lora)),
+        *((kinds.get(name).title, fmt(n)) for name, n in budget.counts.items()),
         ("trainable", fmt(budget.trainable)),
         ("base model", fmt(budget.base)),
         ("share of base", f"{budget.share:.3%}"),

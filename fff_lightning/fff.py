@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fff_lightning.backends.memory_plan import FFF_CHUNKS
+from fff_lightning.checks import parse_layers
 from fff_lightning.errors import ConfigError
-from fff_lightning.spec import FFF_PREFIX, FFF_TARGETS, INNER, FFFConfig, parse_layers
 
-__all__ = ["FFF_PREFIX", "FFF_TARGETS", "INNER", "FFFConfig", "FFFLinear", "FFFSublayer", "inject_fff", "parse_layers"]
+# The kind's config, checks and constants are fff_lightning.kinds.fff (no torch); this module is the layer.
+__all__ = ["FFFLinear", "FFFSublayer", "decoder_layers", "fff_stack", "inject_fff"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -115,7 +115,9 @@ class FFFLinear(nn.Module):
     function, computed with fewer kernels.
     """
 
-    def __init__(self, base_proj: nn.Module, dim: int, cfg: FFFConfig, eps: float):
+    def __init__(self, base_proj: nn.Module, dim: int, cfg, eps: float, chunks: int = 4):
+        """``cfg``: the ``model.fff`` config (:class:`fff_lightning.kinds.fff.FFFConfig`); ``chunks``: token chunks
+        of a recomputed stack. The wrapped projection is ``base_proj`` (``kinds.fff.INNER``: LoRA names it)."""
         super().__init__()
         self.base_proj = base_proj
         dtype = TORCH_DTYPES[cfg.dtype]
@@ -129,12 +131,13 @@ class FFFLinear(nn.Module):
         self.eps = eps
         self.compiled = False
         self.recompute = False
+        self.chunks = chunks
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """``x_N``: the input the wrapped projection sees, in ``x``'s dtype.
 
         With ``recompute`` (the memory plan's "FFF stacks recomputed"), a step that builds gradients keeps only the
-        stack's input: backward recomputes the stack in :data:`FFF_CHUNKS` chunks of tokens, one at a time, so it
+        stack's input: backward recomputes the stack in ``chunks`` chunks of tokens, one at a time, so it
         holds a chunk's activations, not the stack's. Every token's computation is the same either way.
         """
         blocks = self.fff_blocks
@@ -148,7 +151,7 @@ class FFFLinear(nn.Module):
             return stack(x)
         from torch.utils.checkpoint import checkpoint
 
-        parts = x.chunk(FFF_CHUNKS, dim=-2)  # (..., tokens, d): chunks of tokens
+        parts = x.chunk(self.chunks, dim=-2)  # (..., tokens, d): chunks of tokens
         return torch.cat([checkpoint(stack, p, use_reentrant=False) for p in parts], dim=-2)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -176,11 +179,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return inner.layers
 
 
-def inject_fff(model: nn.Module, cfg: FFFConfig, hidden_size: int, eps: float = 1e-5) -> list[str]:
+def inject_fff(model: nn.Module, cfg, hidden_size: int, eps: float = 1e-5, chunks: int = 4) -> list[str]:
     """Wrap the targeted projections of the chosen decoder layers with :class:`FFFLinear`, in place.
 
     Returns the wrapped modules' names (``model.layers.13.mlp.up_proj``...). Raises :class:`ConfigError` when a
-    layer or projection does not exist. Call it before LoRA (see :mod:`fff_lightning.lora`).
+    layer or projection does not exist. Call it before LoRA (see :mod:`fff_lightning.kinds.lora`); ``cfg`` is the
+    ``model.fff`` config (:class:`fff_lightning.kinds.fff.FFFConfig`).
     """
     layers = decoder_layers(model)
     idx = parse_layers(cfg.layers, len(layers), "model.fff.layers")
@@ -194,6 +198,6 @@ def inject_fff(model: nn.Module, cfg: FFFConfig, hidden_size: int, eps: float = 
                 raise ConfigError("model.fff.targets", f"decoder layer {i} has no MLP projection {t!r}")
             if isinstance(proj, FFFLinear):
                 raise ConfigError("model.fff.targets", f"layer {i} {t} already carries an FFF adapter")
-            setattr(mlp, t, FFFLinear(proj, hidden_size, cfg, eps))
+            setattr(mlp, t, FFFLinear(proj, hidden_size, cfg, eps, chunks))
             wrapped.append(f"layers.{i}.mlp.{t}")
     return wrapped

@@ -12,7 +12,7 @@ import shlex
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from fff_lightning import console, runs, table
+from fff_lightning import console, kinds, runs, table
 from fff_lightning.adapters import resolve_adapters
 from fff_lightning.callbacks import GracefulInterrupt
 from fff_lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
@@ -46,7 +46,8 @@ class FFFCLI(RunCLI):
             cfg.ckpt_path = self.ckpt_path
         resolve_config_paths(cfg)
         check_strategy_name(cfg.trainer.strategy)  # before the Trainer, the run folder or the model
-        adapters = resolve_adapters(cfg.model.fff, cfg.model.lora, cfg.model.adapter_path)
+        sections = {k: cfg.model.get(k) for k in kinds.names()}
+        adapters = resolve_adapters(adapter_path=cfg.model.adapter_path, **sections)
         if self.checkpoint is not None:  # before any folder is claimed
             check_checkpoint_adapters(self.checkpoint, adapters, cfg.get("resume_changes") == "allow")
         if self.subcommand != "fit" and not (cfg.model.adapter_path or cfg.get("ckpt_path") or cfg.allow_untrained):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torchmetrics import SumMetric
 
-from fff_lightning import backends, memory, table
+from fff_lightning import backends, kinds, memory, table
 from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_adapters
 from fff_lightning.data.formatting import IGNORE
 from fff_lightning.distributed import HostValue, check_strategy
@@ -46,6 +47,8 @@ class FFFModule(L.LightningModule):
         base: the base model and backend.
         fff: the FFF adapter, or ``None``.
         lora: the LoRA adapter, or ``None``.
+        dora: the DoRA adapter (PEFT's ``use_dora``; LoRA's fields), or ``None``; not with ``lora``.
+        par_bn: the parallel bottleneck adapter beside the MLPs (He et al. 2022), or ``None``.
         adapter_path: start from saved adapters (a folder written by ``save_adapters``); its own JSON config
             decides the adapters; ``fff``/``lora``, if also given, must agree with it.
         optimizer: ``adamw`` (torch), ``adamw_8bit`` or ``paged_adamw_8bit`` (bitsandbytes).
@@ -83,13 +86,18 @@ class FFFModule(L.LightningModule):
         seed: int = 12,
         max_new_tokens: int = 128,
         on_nonfinite: str = "stop",
+        **adapters,
     ):
+        """``adapters``: the sections of the other adapter kinds (:mod:`fff_lightning.kinds`), by name."""
         super().__init__()
         # With several processes a small validation set leaves some of them no batch of a dataset: they add zeros
         # to its sums, and no sample is repeated to even the processes out.
         self.allow_zero_length_dataloader_with_multiple_devices = True
         self.base = base
-        self.adapters = resolve_adapters(fff, lora, adapter_path)  # the one answer to "which adapters"
+        unknown = sorted(set(adapters) - set(kinds.names()))
+        if unknown:
+            raise TypeError(f"FFFModule got an unexpected keyword argument {unknown[0]!r}")
+        self.adapters = resolve_adapters(fff, lora, adapter_path, **adapters)  # the one answer to "which adapters"
         self.adapter_path = adapter_path
         choice("model.optimizer", optimizer, OPTIMIZERS)
         choice("model.scheduler", scheduler, SCHEDULERS)
@@ -112,25 +120,31 @@ class FFFModule(L.LightningModule):
         self.seed = seed
         self.max_new_tokens = max_new_tokens
         # The init arguments themselves (dataclasses as dicts), so LightningCLI can re-read them from a checkpoint.
-        self.save_hyperparameters(
-            {
-                "base": asdict(base),
-                "fff": asdict(fff) if fff else None,
-                "lora": asdict(lora) if lora else None,
-                "adapter_path": adapter_path,
-                "optimizer": optimizer,
-                "lr": lr,
-                "weight_decay": weight_decay,
-                "betas": list(betas),
-                "scheduler": scheduler,
-                "warmup_steps": warmup_steps,
-                "warmup_from_zero": warmup_from_zero,
-                "val_reduction": val_reduction,
-                "seed": seed,
-                "max_new_tokens": max_new_tokens,
-                "on_nonfinite": on_nonfinite,
-            }
-        )
+        hparams = {
+            "base": asdict(base),
+            "fff": asdict(fff) if fff else None,
+            "lora": asdict(lora) if lora else None,
+            **{k: (v if isinstance(v, dict) or v is None else asdict(v)) for k, v in adapters.items()},
+            "adapter_path": adapter_path,
+            "optimizer": optimizer,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "betas": list(betas),
+            "scheduler": scheduler,
+            "warmup_steps": warmup_steps,
+            "warmup_from_zero": warmup_from_zero,
+            "val_reduction": val_reduction,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "on_nonfinite": on_nonfinite,
+        }
+        # Given, not read from this frame: Lightning would look for a local variable per parameter of the
+        # signature, which has one per adapter kind (see _signature_with_kinds).
+        with_given = _given_hyperparameters.set(hparams)
+        try:
+            self.save_hyperparameters(hparams)
+        finally:
+            _given_hyperparameters.reset(with_given)
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self.model = None
         self.backend = backends.get(base.backend)
@@ -225,7 +239,7 @@ class FFFModule(L.LightningModule):
             "num_hidden_layers": shape.num_hidden_layers,
             **facts,
         }
-        return save_adapters(self.model, folder, self.adapters.fff, self.adapters.lora, base)
+        return save_adapters(self.model, folder, base=base, spec=self.adapters)
 
     # -- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -565,3 +579,21 @@ def check_val_interval(trainer, batches: int) -> None:
             f"{interval} is more than the {n} training batches of an epoch: give at most {n}, a fraction of the "
             "epoch (e.g. 0.25), or trainer.check_val_every_n_epoch null to count batches across epochs",
         )
+
+
+def _signature_with_kinds() -> None:
+    """Give ``FFFModule.__init__`` one keyword per adapter kind besides FFF and LoRA (``dora``, ``par_bn`` and any
+    registered one), typed by the kind's config, so the command line and YAML configs take ``model.<kind>`` as they
+    take ``model.fff``: a kind is added by its own module, not by editing this class."""
+    import inspect
+
+    sig = inspect.signature(FFFModule.__init__)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    for kind in kinds.kinds():
+        if kind.name not in sig.parameters:
+            params.append(inspect.Parameter(kind.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=kind.config | None))  # fmt: skip
+    FFFModule.__init__.__signature__ = sig.replace(parameters=params)
+
+
+_signature_with_kinds()

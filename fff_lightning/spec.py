@@ -17,121 +17,28 @@ larger than the model, in :mod:`fff_lightning.adapters`), else by the stated bou
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fff_lightning import backends, memory
+from fff_lightning import backends, kinds, memory
 from fff_lightning.backends import BACKENDS, MISTRAL_7B
+from fff_lightning.checks import MAX_LAYER_INDEX, choice, is_all, parse_layers, positive_int
 from fff_lightning.errors import ConfigError
+from fff_lightning.kinds.fff import FFF_INITS, FFF_PREFIX, FFF_TARGETS, INNER, MAX_SUBLAYERS, FFFConfig
+from fff_lightning.kinds.lora import ALL_LINEAR, LORA_PRESETS, LoRAConfig
+
+__all__ = [
+    "ALL_LINEAR", "CONFIG_NAME", "FFF_INITS", "FFF_PREFIX", "FFF_TARGETS", "INNER", "LORA_PRESETS", "MAX_LAYER_INDEX",
+    "MAX_SUBLAYERS", "WEIGHTS_NAME", "AdapterSpec", "BaseModelConfig", "Budget", "FFFConfig", "LoRAConfig",
+    "TinyConfig", "choice", "is_all", "parse_layers", "positive_int",
+]  # fmt: skip
 
 #: An exported adapter folder: its weights (safetensors) and its config (JSON).
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "fff_adapter_config.json"
-#: Projections of a Mistral/Llama MLP whose input FFF may transform.
-FFF_TARGETS = ("up_proj", "gate_proj")
-#: Every FFF parameter name contains this; :mod:`fff_lightning.adapters` relies on it.
-FFF_PREFIX = "fff_blocks"
-#: Name of the wrapped projection inside an FFF wrapper (not ``base_layer``: PEFT would take the wrapper for one
-#: of its own layers).
-INNER = "base_proj"
-FFF_INITS = ("normal", "identity")
-FFF_DTYPES = ("float32", "bfloat16", "float16")
-#: The seven linear modules of a Mistral decoder layer; the research put LoRA on all of them.
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: The research's LoRA presets: (rank, alpha). ``lora``/``lora2`` come from its step-1 sweeps, ``r24`` is the LoRA
-#: beside FFF in step 2, ``r46`` the LoRA-only baseline of about the same budget.
-LORA_PRESETS: dict[str, tuple[int, float]] = {"lora": (16, 8), "lora2": (32, 16), "r24": (24, 12), "r46": (46, 23)}
-#: Stated bounds for sizes the model does not bound itself (each far above any real run's).
-MAX_LAYER_INDEX = 9_999  # no decoder has 10,000 layers; the model's own count is checked once it is known
-MAX_SUBLAYERS = 64  # the research used at most 6
 MAX_SEQ_LENGTH = 1 << 20  # tokens; the model's own positions are checked once its shape is known
 BASE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-def choice(name: str, value, allowed) -> None:
-    """Refuse ``value`` unless it is one of ``allowed``, naming the field and every allowed value."""
-    if value not in allowed:
-        raise ConfigError(name, f"unknown value {value!r}; allowed: {', '.join(map(str, allowed))}")
-
-
-def positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(name, f"must be a positive int; got {value!r}")
-
-
-def is_all(spec) -> bool:
-    return spec is None or (isinstance(spec, str) and spec.strip().lower() == "all")
-
-
-def parse_layers(
-    spec: str | int | list[int] | None, n_layers: int | None = None, field_name: str = "layers"
-) -> list[int]:
-    """Turn ``"all"``, ``"13-19"``, ``"0,2,5-7"``, ``7`` or ``[13, 14]`` into a sorted list of layer indices.
-
-    Ranges are inclusive, as people say them ("layers 13-19" is seven layers). With ``n_layers`` the indices
-    are checked against the model and ``"all"`` is expanded.
-    """
-    if is_all(spec):
-        if n_layers is None:
-            raise ConfigError(field_name, '"all" needs the model\'s number of layers')
-        return list(range(n_layers))
-    if isinstance(spec, bool):
-        raise ConfigError(field_name, f"expected 'all', a range like '13-19', or a list of ints; got {spec!r}")
-    limit = n_layers if n_layers is not None else MAX_LAYER_INDEX + 1
-
-    if isinstance(spec, int):
-        items: list[int] = [spec]
-    elif isinstance(spec, str):
-        items = []
-        if len(spec) > 10_000:
-            raise ConfigError(field_name, f"is {len(spec):,} characters long: give a range like '13-19'")
-        for part in spec.split(","):
-            part = part.strip()
-            m = re.fullmatch(r"(\d{1,12})\s*-\s*(\d{1,12})", part)
-            if m:
-                lo, hi = int(m.group(1)), int(m.group(2))
-                if lo > hi:
-                    raise ConfigError(field_name, f"range {part!r} runs backwards")
-                if hi >= limit:
-                    bad = list(range(max(lo, limit), min(hi, limit + 5) + 1))
-                    if n_layers is None:
-                        raise ConfigError(field_name, f"range {part!r} is beyond any model (at most {MAX_LAYER_INDEX})")
-                    raise ConfigError(
-                        field_name,
-                        f"layer(s) {bad}{'...' if hi > limit + 5 else ''} do not exist: the model has {n_layers} "
-                        f"layers (0-{n_layers - 1})",
-                    )
-                items.extend(range(lo, hi + 1))
-            elif re.fullmatch(r"\d{1,12}", part):
-                items.append(int(part))
-            else:
-                raise ConfigError(field_name, f"cannot read {part!r}: use 'all', '13-19', '0,2,5-7' or a list of ints")
-    else:
-        if isinstance(spec, (list, tuple)) and len(spec) > limit:
-            raise ConfigError(field_name, f"lists {len(spec):,} layers; the model has at most {limit}")
-        if not isinstance(spec, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in spec):
-            raise ConfigError(field_name, f"expected 'all', a range like '13-19', or a list of ints; got {spec!r}")
-        items = list(spec)
-    if any(i < 0 for i in items):
-        raise ConfigError(field_name, f"layer indices must be >= 0; got {sorted(items)}")
-    if n_layers is None and items and max(items) > MAX_LAYER_INDEX:
-        raise ConfigError(field_name, f"layer {max(items)} is beyond any model (at most {MAX_LAYER_INDEX})")
-    if not items:
-        raise ConfigError(field_name, "selects no layer")
-    if n_layers is not None and max(items) >= n_layers:
-        bad = sorted(i for i in set(items) if i >= n_layers)
-        raise ConfigError(
-            field_name, f"layer(s) {bad} do not exist: the model has {n_layers} layers (0-{n_layers - 1})"
-        )
-    return sorted(set(items))
-
-
-def activation_names() -> list[str]:
-    from transformers.activations import ACT2FN  # the only heavy import a config check makes, and only for FFF
-
-    return sorted(ACT2FN.keys())
 
 
 # -- the base model ----------------------------------------------------------------------------------------------
@@ -246,164 +153,26 @@ class BaseModelConfig:
         return backends.shape(self)
 
 
-# -- the adapters ------------------------------------------------------------------------------------------------
-@dataclass
-class FFFConfig:
-    """What FFF adapter to build.
-
-    Attributes:
-        n_sublayers: number of gated MLP sub-layers stacked on each wrapped projection's input.
-        width: hidden width of each sub-layer: one int for all, or one per sub-layer.
-        activation: any ``transformers.activations.ACT2FN`` name (``silu``, ``gelu_new``, ``sigmoid``,
-            ``laplace``...): one for all, or one per sub-layer.
-        targets: which MLP projection(s) get an FFF stack on their input: ``up_proj``, ``gate_proj`` or both.
-        layers: decoder layers to adapt: ``"all"``, a range like ``"13-19"`` (inclusive), ``"0,2,5-7"``, or a
-            list of ints.
-        init: ``normal`` is the research's init (every projection N(0, std), norms 1: step 0 already differs
-            from the base model); ``identity`` zeroes each sub-layer's ``d_proj`` so step 0 equals the base model.
-        init_std: standard deviation of the normal init.
-        dtype: dtype of the adapter's weights (``float32``, ``bfloat16`` or ``float16``); the output keeps the
-            input's dtype.
-        eps: epsilon of the sub-layers' RMSNorm; ``None`` takes the base model's ``rms_norm_eps``.
-    """
-
-    n_sublayers: int = 6
-    width: int | list[int] = 128
-    activation: str | list[str] = "gelu_new"
-    targets: list[str] = field(default_factory=lambda: ["up_proj"])
-    layers: str | int | list[int] = "all"
-    init: str = "identity"
-    init_std: float = 0.02
-    dtype: str = "float32"
-    eps: float | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = [self.targets]
-        positive_int("model.fff.n_sublayers", self.n_sublayers)
-        if self.n_sublayers > MAX_SUBLAYERS:
-            raise ConfigError("model.fff.n_sublayers", f"{self.n_sublayers} is more than the bound of {MAX_SUBLAYERS}")
-        if isinstance(self.width, (list, tuple)) and len(self.width) > MAX_SUBLAYERS:
-            raise ConfigError("model.fff.width", f"gives {len(self.width):,} widths, more than {MAX_SUBLAYERS}")
-        if isinstance(self.activation, (list, tuple)) and len(self.activation) > MAX_SUBLAYERS:
-            raise ConfigError(
-                "model.fff.activation", f"gives {len(self.activation):,} names, more than {MAX_SUBLAYERS}"
-            )
-        widths = self.widths()
-        if len(widths) != self.n_sublayers:
-            raise ConfigError(
-                "model.fff.width",
-                f"gives {len(widths)} widths for {self.n_sublayers} sub-layers: give one int, or one per sub-layer",
-            )
-        if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
-            raise ConfigError("model.fff.width", f"widths must be positive ints; got {self.width!r}")
-        acts = self.activations()
-        if len(acts) != self.n_sublayers:
-            raise ConfigError(
-                "model.fff.activation",
-                f"gives {len(acts)} activations for {self.n_sublayers} sub-layers: give one name, or one per sub-layer",
-            )
-        known = activation_names()
-        for a in acts:
-            if a not in known:
-                raise ConfigError("model.fff.activation", f"unknown activation {a!r}; allowed: {', '.join(known)}")
-        if not self.targets:
-            raise ConfigError("model.fff.targets", f"name at least one of {', '.join(FFF_TARGETS)}")
-        for t in self.targets:
-            choice("model.fff.targets", t, FFF_TARGETS)
-        if len(set(self.targets)) != len(self.targets):
-            raise ConfigError("model.fff.targets", f"lists a projection twice: {self.targets}")
-        if not is_all(self.layers):
-            parse_layers(self.layers, None, "model.fff.layers")  # syntax only; the depth is checked on a shape
-        choice("model.fff.init", self.init, FFF_INITS)
-        choice("model.fff.dtype", self.dtype, FFF_DTYPES)
-        if not self.init_std > 0:
-            raise ConfigError("model.fff.init_std", f"must be > 0; got {self.init_std!r}")
-        if self.eps is not None and not self.eps > 0:
-            raise ConfigError("model.fff.eps", f"must be > 0 or null; got {self.eps!r}")
-
-    def layer_indices(self, n_layers: int) -> list[int]:
-        """The decoder layers (of ``n_layers``) that carry this adapter."""
-        return parse_layers(self.layers, n_layers, "model.fff.layers")
-
-    def widths(self) -> list[int]:
-        return list(self.width) if isinstance(self.width, (list, tuple)) else [self.width] * self.n_sublayers
-
-    def activations(self) -> list[str]:
-        a = self.activation
-        return list(a) if isinstance(a, (list, tuple)) else [a] * self.n_sublayers
-
-    def n_params(self, hidden_size: int, n_layers: int) -> int:
-        """Closed-form parameter count: ``sum_k (3*d*w_k + d)`` per wrapped projection."""
-        per_stack = sum(3 * hidden_size * w + hidden_size for w in self.widths())
-        return per_stack * len(self.targets) * len(parse_layers(self.layers, n_layers, "model.fff.layers"))
-
-
-@dataclass
-class LoRAConfig:
-    """What LoRA adapter to build (PEFT ``LoraConfig`` underneath).
-
-    Attributes:
-        preset: a research preset (``lora``: r16/alpha8, ``lora2``: r32/alpha16, ``r24``: r24/alpha12,
-            ``r46``: r46/alpha23) that fills ``r`` and ``alpha``; explicit ``r``/``alpha`` override it.
-        r: rank. Without a preset and without ``r``: 16.
-        alpha: scaling numerator (PEFT ``lora_alpha``). Without a preset and without ``alpha``: ``r / 2``, the
-            research's ratio.
-        dropout: dropout on LoRA's input.
-        target_modules: which linear modules of each decoder layer get LoRA.
-        layers: decoder layers that get LoRA: ``"all"``, ``"13-19"``, ``"0,2,5-7"`` or a list of ints.
-        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
-    """
-
-    preset: str | None = None
-    r: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    layers: str | int | list[int] = "all"
-    use_rslora: bool = False
-
-    def __post_init__(self) -> None:
-        if self.preset is not None:
-            choice("model.lora.preset", self.preset, LORA_PRESETS)
-        positive_int("model.lora.r", self.rank)
-        if not self.lora_alpha > 0:
-            raise ConfigError("model.lora.alpha", f"must be > 0; got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError("model.lora.dropout", f"must be in [0, 1); got {self.dropout!r}")
-        if not self.target_modules:
-            raise ConfigError("model.lora.target_modules", f"name at least one of {', '.join(ALL_LINEAR)}")
-        for m in self.target_modules:
-            choice("model.lora.target_modules", m, ALL_LINEAR)
-        if not is_all(self.layers):
-            parse_layers(self.layers, None, "model.lora.layers")
-
-    @property
-    def rank(self) -> int:
-        if self.r is not None:
-            return self.r
-        return LORA_PRESETS[self.preset][0] if self.preset else 16
-
-    @property
-    def lora_alpha(self) -> float:
-        if self.alpha is not None:
-            return self.alpha
-        if self.preset and self.r is None:
-            return LORA_PRESETS[self.preset][1]
-        return self.rank / 2
-
-
+# -- the adapters ----------------------------------------------------------------------------------------------
 @dataclass
 class Budget:
-    """Parameter counts of one run: ``fff``, ``lora``, ``trainable`` and ``base`` (the unquantised base model)."""
+    """Parameter counts of one run: each adapter kind's (``counts``; ``fff`` and ``lora`` read 0 when absent),
+    ``trainable`` (their sum) and ``base`` (the unquantised base model)."""
 
-    fff: int
-    lora: int
-    base: int
+    fff: int = 0
+    lora: int = 0
+    base: int = 0
+    #: counts of the other kinds (``{"par_bn": ...}``), by name
+    others: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Every kind's count, FFF and LoRA first."""
+        return {"fff": self.fff, "lora": self.lora, **self.others}
 
     @property
     def trainable(self) -> int:
-        return self.fff + self.lora
+        return sum(self.counts.values())
 
     @property
     def share(self) -> float:
@@ -425,32 +194,73 @@ def _as(cls, value, name: str):
     return cls(**value)
 
 
-@dataclass
 class AdapterSpec:
-    """Which adapters a run has: FFF, LoRA or both (never neither).
+    """Which adapters a run has: one config per adapter kind it uses (:mod:`fff_lightning.kinds`), never none.
 
-    Attributes:
-        fff: the FFF adapter, or ``None``.
-        lora: the LoRA adapter, or ``None``.
+    ``AdapterSpec(fff, lora)`` as before; other kinds by name (``AdapterSpec(par_bn={"bottleneck": 32})``). Each
+    kind's config is an attribute of its name (``None`` when the run has none of it), ``configs`` holds the ones
+    present in the order they go on a model.
     """
 
-    fff: FFFConfig | None = None
-    lora: LoRAConfig | None = None
+    def __init__(self, fff: FFFConfig | None = None, lora: LoRAConfig | None = None, **others):
+        configs = {}
+        for name, value in {"fff": fff, "lora": lora, **others}.items():
+            kind = kinds.get(name)
+            cfg = _as(kind.config, value, f"model.{name}")
+            if cfg is not None:
+                configs[name] = cfg
+        if not configs:
+            others = [f"model.{n}" for n in kinds.names() if n not in ("fff", "lora")]
+            raise ConfigError(
+                "model", f"no adapter configured: give model.fff, model.lora, or both (or {', '.join(others)})"
+            )
+        for name in configs:
+            clash = [o for o in kinds.get(name).excludes if o in configs]
+            if clash:
+                raise ConfigError(f"model.{name}", f"cannot share a model with model.{clash[0]}: give one of them")
+        self.configs = {k.name: configs[k.name] for k in kinds.kinds() if k.name in configs}
 
-    def __post_init__(self) -> None:
-        self.fff, self.lora = _as(FFFConfig, self.fff, "model.fff"), _as(LoRAConfig, self.lora, "model.lora")
-        if self.fff is None and self.lora is None:
-            raise ConfigError("model", "no adapter configured: give model.fff, model.lora, or both")
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name == "configs":
+            raise AttributeError(name)
+        if name in kinds.names():
+            return self.configs.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AdapterSpec) and self.configs == other.configs
+
+    def __repr__(self) -> str:
+        return f"AdapterSpec({', '.join(f'{k}={v!r}' for k, v in self.configs.items())})"
+
+    def kinds(self) -> list:
+        """The kinds of this run, in the order they go on a model."""
+        return [kinds.get(name) for name in self.configs]
+
+    def kind_of(self, param: str) -> str | None:
+        """Which of this run's kinds a parameter is, ``None`` for a frozen base parameter."""
+        return kinds.kind_of(param, list(self.configs))
 
     # -- reading and writing ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"fff": asdict(self.fff) if self.fff else None, "lora": asdict(self.lora) if self.lora else None}
+        """``{"fff": ..., "lora": ...}`` (both always, ``None`` when absent) and any other kind present."""
+        out = {"fff": None, "lora": None}
+        out.update({k: asdict(v) for k, v in self.configs.items()})
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterSpec:
         if not isinstance(data, dict):
             raise ConfigError("adapter", f"expected a mapping with 'fff' and 'lora'; got {type(data).__name__}")
-        return cls(data.get("fff"), data.get("lora"))
+        known = set(kinds.names())
+        foreign = sorted(k for k, v in data.items() if k not in known and k not in kinds.NOT_KINDS and v is not None)
+        if foreign:
+            raise ConfigError(
+                "adapter",
+                f"names adapter kind {foreign[0]!r}, which this installation does not have (known: "
+                f"{', '.join(sorted(known))})",
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> AdapterSpec:
@@ -464,13 +274,13 @@ class AdapterSpec:
             raise ConfigError("ckpt_path", f"the checkpoint's description of its adapters is damaged ({e})") from None
 
     @classmethod
-    def resolve(cls, fff: FFFConfig | None, lora: LoRAConfig | None, saved: AdapterSpec | None = None) -> AdapterSpec:
-        """The run's adapters from its config and, if given, the adapters of a saved folder (``saved``), which then
-        decide; configs given beside the folder must be the folder's."""
+    def resolve(cls, configs: dict, saved: AdapterSpec | None = None) -> AdapterSpec:
+        """The run's adapters from its config (``{kind: config or None}``) and, if given, the adapters of a saved
+        folder (``saved``), which then decide; configs given beside the folder must be the folder's."""
         if saved is None:
-            return cls(fff, lora)
-        for name, mine in (("fff", _as(FFFConfig, fff, "model.fff")), ("lora", _as(LoRAConfig, lora, "model.lora"))):
-            theirs = getattr(saved, name)
+            return cls(**configs)
+        for name, value in configs.items():
+            mine, theirs = _as(kinds.get(name).config, value, f"model.{name}"), getattr(saved, name)
             if mine is not None and mine != theirs:
                 raise ConfigError(
                     f"model.{name}",
@@ -482,20 +292,17 @@ class AdapterSpec:
     # -- naming --------------------------------------------------------------------------------------------------
     def legend(self) -> str:
         """The run's name in the research's legend style: ``lora-[128]-6-[gelu_new]-[up_proj]`` (FFF + LoRA),
-        ``fff-[128]-6-[gelu_new]-[up_proj]`` (FFF alone), ``lora-r46`` (LoRA alone)."""
-        if self.fff is None:
-            return f"lora-r{self.lora.rank}"
-        f = self.fff
-        widths = ",".join(map(str, sorted(set(f.widths()))))
-        acts = ",".join(sorted(set(f.activations())))
-        return f"{'lora' if self.lora else 'fff'}-[{widths}]-{f.n_sublayers}-[{acts}]-[{','.join(f.targets)}]"
+        ``fff-[128]-6-[gelu_new]-[up_proj]`` (FFF alone), ``lora-r46`` (LoRA alone); other kinds add their own part
+        (``dora-r16``, ``par_bn-b64``), joined by ``+``."""
+        parts = [k.legend(self.configs[k.name]) for k in self.kinds()]
+        if self.fff is not None and self.lora is not None:  # the research's name of FFF + LoRA
+            parts.remove(kinds.get("lora").legend(self.lora))
+            parts[0] = "lora" + parts[0].removeprefix("fff")
+        return "+".join(parts)
 
     # -- against a model -----------------------------------------------------------------------------------------
     def check(self, shape) -> None:
         """Refuse, before anything is loaded, layers the model (a ``transformers`` config) does not have.
         :func:`fff_lightning.adapters.check_size` bounds the adapters' total size by the model's."""
-        n = shape.num_hidden_layers
-        if self.fff is not None:
-            parse_layers(self.fff.layers, n, "model.fff.layers")
-        if self.lora is not None:
-            parse_layers(self.lora.layers, n, "model.lora.layers")
+        for kind in self.kinds():
+            kind.check(self.configs[kind.name], shape)

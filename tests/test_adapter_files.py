@@ -7,9 +7,8 @@ import torch
 
 from fff_lightning.adapters import CONFIG_NAME, WEIGHTS_NAME, count_parameters, save_adapters
 from fff_lightning.errors import ConfigError
-from fff_lightning.fff import FFFConfig
 from fff_lightning.loading import build_from_adapter, build_model
-from fff_lightning.lora import LoRAConfig
+from fff_lightning.spec import FFFConfig, LoRAConfig
 
 
 def trained(tiny, tokens, fff, lora):

@@ -6,8 +6,9 @@ from torch import nn
 
 from fff_lightning.backends.tiny import tiny_model_dir
 from fff_lightning.errors import ConfigError
-from fff_lightning.fff import FFFConfig, FFFLinear, FFFSublayer, parse_layers
+from fff_lightning.fff import FFFLinear, FFFSublayer
 from fff_lightning.loading import build_model
+from fff_lightning.spec import FFFConfig, parse_layers
 
 
 def base_logits(tiny, tokens):

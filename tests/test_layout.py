@@ -86,6 +86,31 @@ def test_no_module_of_the_package_imports_itself_back_through_others():
     assert [n for n, deps in graph.items() if "fff_lightning.cli" in deps and n != "fff_lightning.__main__"] == []
 
 
+def folder_of(name: str) -> str:
+    """A module's node in the folder graph: a subpackage (``fff_lightning.backends``) stands for all its modules;
+    a module of the package's top folder stands for itself."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else name
+
+
+def test_no_import_circle_between_folders_and_no_import_runs_back_up():
+    """Collapse each subpackage (backends, data, bench, kinds, callbacks) into one node: the graph stays acyclic,
+    so no module of a subpackage imports (even inside a function) a module that imports that subpackage."""
+    mods = modules()
+    graph = {}
+    for n, p in mods.items():
+        deps = {folder_of(d) for d in imports_of(n, p, set(mods))} - {folder_of(n)}
+        graph.setdefault(folder_of(n), set()).update(deps)
+        for d in deps:
+            graph.setdefault(d, set())
+    assert {"fff_lightning.kinds", "fff_lightning.backends", "fff_lightning.spec"} <= set(graph)
+    assert (
+        "fff_lightning.kinds" in graph["fff_lightning.spec"]
+        and "fff_lightning.kinds" in graph["fff_lightning.backends"]
+    )
+    assert cycles(graph) == []
+
+
 def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function(tmp_path):
     (tmp_path / "a.py").write_text("import p.b\n")
     (tmp_path / "b.py").write_text("def f():\n    from p import a\n")

@@ -5,9 +5,8 @@ import torch
 
 from fff_lightning.adapters import count_parameters
 from fff_lightning.errors import ConfigError
-from fff_lightning.fff import FFFConfig
 from fff_lightning.loading import build_model
-from fff_lightning.lora import LORA_PRESETS, LoRAConfig
+from fff_lightning.spec import LORA_PRESETS, FFFConfig, LoRAConfig
 
 
 def grad_names(model):

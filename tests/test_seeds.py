@@ -91,16 +91,17 @@ def _sweep(tmp_path: Path, steps: int = 4) -> tuple[Path, subprocess.CompletedPr
     return path, subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("seeds")
-    grid, out = _sweep(tmp)
-    return tmp, grid, out
-
-
 @pytest.mark.slow
-def test_a_planted_difference_is_found_and_seeds_alone_are_not(seeded, capsys):
-    tmp, grid, out = seeded
+def test_a_seeds_sweep_finds_a_planted_difference_and_reruns_only_what_is_unfinished(tmp_path):
+    """One 9-run sweep (a third of the suite's time once) read by both checks: one test, so that xdist's workers
+    never run the sweep twice."""
+    (tmp_path / "sweep").mkdir()
+    grid, out = _sweep(tmp_path / "sweep")
+    a_planted_difference_is_found_and_seeds_alone_are_not(tmp_path / "sweep", out)
+    a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp_path / "sweep", grid, tmp_path)
+
+
+def a_planted_difference_is_found_and_seeds_alone_are_not(tmp, out):
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # one seed failed
     exp = tmp / "seeds"
     status = json.loads((exp / "sweep.json").read_text())
@@ -131,9 +132,7 @@ def test_a_planted_difference_is_found_and_seeds_alone_are_not(seeded, capsys):
     assert "seeds paired in order" in " ".join(result["notes"])
 
 
-@pytest.mark.slow
-def test_a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(seeded, tmp_path):
-    tmp, grid, _ = seeded
+def a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp, grid, tmp_path):
     cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp), "--dry-run"]
     listed = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300).stdout
     assert listed.count("-seed=") == 9 and listed.count("(finished: skipped)") == 8

@@ -16,10 +16,10 @@ from fff_lightning.data.collate import IGNORE, PackCollator, PadCollator
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.data.sampling import pack_batches
 from fff_lightning.data.sources import SourceConfig
-from fff_lightning.fff import FFFConfig, FFFLinear, decoder_layers
+from fff_lightning.fff import FFFLinear, decoder_layers
 from fff_lightning.loading import BaseModelConfig, build_model
-from fff_lightning.lora import LoRAConfig
 from fff_lightning.module import FFFModule
+from fff_lightning.spec import FFFConfig, LoRAConfig
 
 ROOT = Path(__file__).parent.parent
 

@@ -1,7 +1,6 @@
-"""Start-up with everything cached: the data module's prepare + setup at scale reads no raw data and converts each
-column once (docs/scale.md measures the research's full size: 88,801 samples)."""
-
-import time
+"""Start-up with everything cached: the data module's prepare + setup at scale reads no raw data and tokenizes
+nothing (how long it takes is a benchmark's question: docs/scale.md measures the research's full size, 88,801
+samples)."""
 
 import pytest
 import scale
@@ -29,7 +28,7 @@ def _datamodule(paths: dict, tmp_path, packing: bool):
 
 
 @pytest.mark.slow
-def test_a_cached_start_of_20000_samples_takes_under_2_seconds(tmp_path):
+def test_a_cached_start_of_20000_samples_reads_no_raw_data_and_tokenizes_nothing(tmp_path, monkeypatch):
     written = yaml.safe_load(scale.write(tmp_path / "mix", fraction=0.25, words=0.05).read_text())
     paths = written["data"]["paths"]
     first = _datamodule(paths, tmp_path, packing=False)
@@ -37,13 +36,16 @@ def test_a_cached_start_of_20000_samples_takes_under_2_seconds(tmp_path):
     first.setup("fit")  # tokenizes and caches
     assert len(first.train_set) > 20_000
     prepare.BUILT.clear()  # as a new process: the entries are read back as cache hits
+
+    def never(*args, **kwargs):
+        raise AssertionError("a cached start read raw data or tokenized")
+
+    monkeypatch.setattr(prepare, "_load_split", never)
+    monkeypatch.setattr(prepare, "_tokenize", never)
     for packing in (False, True):
         dm = _datamodule(paths, tmp_path, packing)
-        t0 = time.perf_counter()
         dm.prepare_data()
         dm.setup("fit")
-        took = time.perf_counter() - t0
-        assert took < 2.0, f"cached start of {len(dm.train_set):,} samples took {took:.2f} s (packing={packing})"
         assert all(r["cached"] for r in dm.summary)
         if not packing:  # the same data and plan as the run that built the cache
             assert dm.train_batches == first.train_batches and dm.summary[0]["train_tokens"] > 0

@@ -116,8 +116,8 @@ def test_checkpoint_holds_no_frozen_weight(trained_run):
 
 def test_checkpoint_of_other_adapters_is_refused(trained_run):
     from fff_lightning.errors import ConfigError
-    from fff_lightning.fff import FFFConfig
     from fff_lightning.module import FFFModule
+    from fff_lightning.spec import FFFConfig
 
     ckpt = torch.load(trained_run.ckpt, weights_only=True)
     run = trained_run.module.adapters

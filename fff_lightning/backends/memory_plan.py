@@ -27,12 +27,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fff_lightning.kinds.fff import FFF_CHUNKS  # FFF stacks recomputed in backward run in this many token chunks
+
 GIB = 1 << 30
 #: The GiB of fp32 logits one chunk of Unsloth's chunked cross-entropy may hold (``UNSLOTH_LOGPROB_CHUNK_GB``,
 #: which fff_lightning sets to this unless the environment does; Unsloth's own default is up to 2).
 LOSS_CHUNK_GIB = 0.25
-#: FFF stacks recomputed in backward run in this many token chunks, so backward holds one chunk's activations.
-FFF_CHUNKS = 4
 #: A plan fits when its predicted peak x (1 + FRAGMENTATION) + HEADROOM_GIB is within the cap.
 FRAGMENTATION = 0.05
 HEADROOM_GIB = 0.25

@@ -11,7 +11,7 @@ import torch
 
 from fff_lightning.backends import Backend
 from fff_lightning.errors import ConfigError
-from fff_lightning.lora import peft_kwargs
+from fff_lightning.kinds.lora import peft_kwargs
 from fff_lightning.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

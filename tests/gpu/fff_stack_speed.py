@@ -10,7 +10,8 @@ import statistics
 import torch
 from torch import nn
 
-from fff_lightning.fff import FFFConfig, FFFLinear
+from fff_lightning.fff import FFFLinear
+from fff_lightning.spec import FFFConfig
 
 
 def timed(fn, steps: int = 20, warmup: int = 5) -> float:

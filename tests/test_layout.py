@@ -176,3 +176,11 @@ def test_the_package_has_no_runtime_path_tricks():
             if isinstance(node, ast.ImportFrom | ast.Import):
                 mods = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any((m or "").split(".")[0] in ("callbacks", "configs") for m in mods), f
+
+
+def test_every_subpackage_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {n for n, p in modules().items() if p.name == "__init__.py"}
+    assert found == listed

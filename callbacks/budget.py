@@ -38,12 +38,13 @@ class ParameterBudget(L.Callback):
         return config_budget(self.target, shape, "trainer.callbacks.ParameterBudget.target")
 
     def preflight(self, trainer: L.Trainer, module) -> None:
-        """Count, print and log the run's budget; raise :class:`ConfigError` if it is off the target."""
-        from fff_lightning.adapters import count_adapters
+        """Print and log the run's budget (counted once, in the run's plan); raise :class:`ConfigError` if it is off
+        the target."""
+        from fff_lightning import kinds
 
-        b = self.budget = count_adapters(module.adapters, module.base_shape())
+        b = self.budget = module.plan.budget
         target = self._target(module.base_shape())
-        lines = [f"FFF {b.fff:,}", f"LoRA {b.lora:,}", f"trainable {b.trainable:,}"]
+        lines = [f"{kinds.get(k).title} {n:,}" for k, n in b.counts.items()] + [f"trainable {b.trainable:,}"]
         lines.append(f"{b.share:.3%} of the base model's {b.base:,}")
         source = f", {Path(self.target).name}'s adapters on this base model" if isinstance(self.target, str) else ""
         if target:
@@ -53,7 +54,8 @@ class ParameterBudget(L.Callback):
         if trainer.is_global_zero:
             print("parameter budget: " + " | ".join(lines))
         for logger in trainer.loggers:
-            logger.log_metrics({"budget/fff": b.fff, "budget/lora": b.lora, "budget/trainable": b.trainable}, step=0)
+            logger.log_metrics({**{f"budget/{k}": n for k, n in b.counts.items()}, "budget/trainable": b.trainable},
+                               step=0)  # fmt: skip
         if target and abs(b.trainable - target) / target > self.tolerance:
             raise ConfigError(
                 "trainer.callbacks.ParameterBudget",

@@ -40,15 +40,32 @@ class Match:
         return self.budget.trainable - self.target
 
 
+def config_adapters(path: str) -> AdapterSpec:
+    """The adapters a run config file describes, read from its ``model`` section alone: each adapter kind's section
+    and ``adapter_path`` (the folder then decides), as ``fit`` reads them, with no parser, module or Trainer built."""
+    import yaml
+
+    from fff_lightning import config_files, kinds
+    from fff_lightning.adapters import resolve_adapters
+
+    file = config_files.path(path)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError("config", f"cannot read {file}: {e}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise ConfigError("model", f"{file} has no model section (a run config, as fit takes it)")
+    return resolve_adapters(adapter_path=model.get("adapter_path"), **{k: model.get(k) for k in kinds.names()})
+
+
 def config_budget(path: str, shape, field: str) -> int:
     """Trainable parameters of the adapters another run config describes, counted on ``shape`` (this run's base
     model): the other side of a comparison, on the same base. An error in it names ``field`` and the config."""
-    from fff_lightning.run_config import describe_run
+    from fff_lightning.adapters import count_adapters
 
     try:
-        from fff_lightning.adapters import count_adapters
-
-        return count_adapters(describe_run(path).model.adapters, shape).trainable
+        return count_adapters(config_adapters(path), shape).trainable
     except ConfigError as e:
         raise ConfigError(field, f"{path}: {e}") from e
 

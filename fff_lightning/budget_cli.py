@@ -92,16 +92,15 @@ def memory_plans(described, cards: list[float]) -> list[dict]:
     """The memory plan of a described run on cards of ``cards`` GB (usable: 0.5 GiB less each), for the largest
     step its data config allows. Raises ConfigError (one line) when none fits and only one card was asked for."""
     from fff_lightning import memory
-    from fff_lightning.adapters import count_adapters
     from fff_lightning.backends import memory_plan as mp
 
     run, dm = described.model, described.datamodule
     backend = run.base.backend
     if mp.calibration(backend, dry_run=True) is None:
         raise ConfigError("--memory", f"the memory plan is calibrated for the unsloth backend; this run uses {backend}")
-    shape = run.base_shape()
+    shape = run.plan.shape
     tokens = memory.worst_step_tokens(dm)
-    trainable = count_adapters(run.adapters, shape).trainable
+    trainable = run.plan.budget.trainable
     rows = []
     for card in cards:
         cap = card - memory.MARGIN_GIB
@@ -130,11 +129,8 @@ def main(argv: list[str]) -> None:
     if args.memory is not None:
         _print_memory(args, memory_plans(described, _cards(args.memory)))
         return
-    run = described.model
-    spec, base, shape = run.adapters, run.base, run.base_shape()
-    from fff_lightning.adapters import count_adapters
-
-    budget = count_adapters(spec, shape)
+    plan = described.model.plan  # the run resolved and checked once, as fit resolves it
+    spec, base, shape, budget = plan.adapters, plan.base, plan.shape, plan.budget
     result: dict = {
         "config": args.config if len(args.config) > 1 else args.config[0],
         "model": backends.get(base.backend).model_name(base),

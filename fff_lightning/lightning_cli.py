@@ -19,7 +19,9 @@ from fff_lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from fff_lightning.distributed import RUN_NAME_ENV, check_strategy_name, launch_rank, processes
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.module import check_checkpoint_adapters
+from fff_lightning.plan import plan_run, planned
 from fff_lightning.run_config import RunCLI, resolve_config_paths
+from fff_lightning.spec import BaseModelConfig
 
 #: Signal handlers the running command installed; given back when it returns (in-process runs leave none behind).
 ARMED: list[GracefulInterrupt] = []
@@ -48,6 +50,10 @@ class FFFCLI(RunCLI):
         check_strategy_name(cfg.trainer.strategy)  # before the Trainer, the run folder or the model
         sections = {k: cfg.model.get(k) for k in kinds.names()}
         adapters = resolve_adapters(adapter_path=cfg.model.adapter_path, **sections)
+        base = cfg.model.base
+        # The run resolved and checked once, before any class exists; the module takes it (instantiate_classes).
+        self.plan = plan_run(BaseModelConfig(**(base.as_dict() if hasattr(base, "as_dict") else dict(base))),
+                             adapters, cfg.model.adapter_path)  # fmt: skip
         if self.checkpoint is not None:  # before any folder is claimed
             check_checkpoint_adapters(self.checkpoint, adapters, cfg.get("resume_changes") == "allow")
         if self.subcommand != "fit" and not (cfg.model.adapter_path or cfg.get("ckpt_path") or cfg.allow_untrained):
@@ -85,7 +91,8 @@ class FFFCLI(RunCLI):
                 cfg.verbose = False  # our table replaces Lightning's one-per-dataloader metric tables
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        with planned(self.plan):
+            super().instantiate_classes()
         cfg = self.config[self.subcommand]
         allow = cfg.get("resume_changes") == "allow"
         self.model.allow_resume_changes = self.datamodule.allow_resume_changes = allow

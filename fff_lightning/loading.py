@@ -13,15 +13,9 @@ import torch
 from torch import nn
 
 from fff_lightning import backends
-from fff_lightning.adapters import (
-    adapter_shapes,
-    apply_adapters,
-    check_adapter_folder,
-    check_size,
-    load_adapters,
-    resolve_adapters,
-)
+from fff_lightning.adapters import apply_adapters, load_adapters, resolve_adapters
 from fff_lightning.fff import FFFLinear, decoder_layers
+from fff_lightning.plan import plan_run
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, TinyConfig
 
 __all__ = ["BaseModelConfig", "TinyConfig", "build_from_adapter", "build_model", "load_model"]
@@ -75,10 +69,14 @@ def build_from_adapter(base: BaseModelConfig, adapter_path: str | Path, **kwargs
     return build_model(base, adapter_path=adapter_path, **kwargs)
 
 
-def load_model(base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str | Path | None = None, seed=None):
-    """:func:`build_model` for an :class:`~fff_lightning.spec.AdapterSpec` already resolved."""
-    shape = base.shape()
-    check_before_loading(base, adapters, shape, adapter_path)
+def load_model(
+    base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str | Path | None = None, seed=None, plan=None
+):
+    """:func:`build_model` for an :class:`~fff_lightning.spec.AdapterSpec` already resolved; ``plan``: the run's
+    :class:`~fff_lightning.plan.RunPlan` (its shape, its checks already made), else they are made here."""
+    if plan is None:
+        plan = plan_run(base, adapters, adapter_path)
+    shape = plan.shape
     backend = backends.get(base.backend)
     backend.check_available()
     dtype = compute_dtype(base)
@@ -105,11 +103,6 @@ def load_model(base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str |
     return model, tokenizer, shape
 
 
-def check_before_loading(base: BaseModelConfig, adapters: AdapterSpec, shape, adapter_path=None) -> None:
-    """Every check of a run's model that needs no weight: the base model's limits, the adapters' layers, ranks and
-    size, and a saved adapter folder's header against the adapters it describes."""
-    base.check(shape)
-    adapters.check(shape)
-    check_size(adapters, shape)
-    if adapter_path is not None:
-        check_adapter_folder(adapter_path, adapter_shapes(adapters, shape), shape)
+def check_before_loading(base: BaseModelConfig, adapters: AdapterSpec, shape=None, adapter_path=None) -> None:
+    """Every check of a run's model that needs no weight (:func:`fff_lightning.plan.plan_run` makes them)."""
+    plan_run(base, adapters, adapter_path)

@@ -17,7 +17,8 @@ from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_
 from fff_lightning.data.formatting import IGNORE
 from fff_lightning.distributed import HostValue, check_strategy
 from fff_lightning.errors import ConfigError, Diverged
-from fff_lightning.loading import check_before_loading, load_model
+from fff_lightning.loading import load_model
+from fff_lightning.plan import RunPlan, current, plan_run
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,15 @@ class FFFModule(L.LightningModule):
         unknown = sorted(set(adapters) - set(kinds.names()))
         if unknown:
             raise TypeError(f"FFFModule got an unexpected keyword argument {unknown[0]!r}")
-        self.adapters = resolve_adapters(fff, lora, adapter_path, **adapters)  # the one answer to "which adapters"
+        self._plan = current(base, adapter_path)  # the CLI's plan of this run: resolved and checked already
+        if self._plan is not None and adapter_path is None:
+            self.adapters = AdapterSpec(fff, lora, **adapters)  # the config's sections (no folder to read)
+            if self.adapters != self._plan.adapters:
+                self._plan = None
+        if self._plan is not None:  # the one answer to "which adapters", from the plan
+            self.adapters = AdapterSpec.resolve({"fff": fff, "lora": lora, **adapters}, self._plan.adapters)
+        else:
+            self.adapters = resolve_adapters(fff, lora, adapter_path, **adapters)
         self.adapter_path = adapter_path
         choice("model.optimizer", optimizer, OPTIMIZERS)
         choice("model.scheduler", scheduler, SCHEDULERS)
@@ -171,10 +180,17 @@ class FFFModule(L.LightningModule):
     allow_resume_changes = False
 
     # -- the interface callbacks use ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> RunPlan:
+        """The run resolved and checked once (:mod:`fff_lightning.plan`): the CLI's, else made on first use."""
+        if self._plan is None:
+            self._plan = plan_run(self.base, self.adapters, self.adapter_path)
+        return self._plan
+
     def base_shape(self):
         """The base model's ``transformers`` config (read once, without weights)."""
         if self._shape is None:
-            self._shape = self.base.shape()
+            self._shape = self._plan.shape if self._plan is not None else self.base.shape()
         return self._shape
 
     def preflight(self, trainer: L.Trainer, stage: str = "fit") -> None:
@@ -188,12 +204,7 @@ class FFFModule(L.LightningModule):
         self._preflown = trainer
         check_strategy(trainer)  # one device or DDP, before the model loads
         memory.resolve(self.base.max_memory_gib, trainer.strategy.root_device)  # a cap the device cannot give
-        shape = self.base_shape()
-        check_before_loading(self.base, self.adapters, shape, self.adapter_path)
-        from fff_lightning.adapters import count_adapters
-
-        check_memory(count_adapters(self.adapters, shape).trainable, self.optim["name"] if stage == "fit" else None,
-                     trainer)  # fmt: skip
+        check_memory(self.plan.budget.trainable, self.optim["name"] if stage == "fit" else None, trainer)
         if stage != "fit":
             return
         for callback in trainer.callbacks:
@@ -203,12 +214,10 @@ class FFFModule(L.LightningModule):
     def _plan_memory(self, cap: float, dm) -> None:
         """Choose the memory plan for ``cap`` GiB from the largest step of the prepared data, before any weight
         loads, and run with it (its checkpointing replaces the config's)."""
-        from fff_lightning.adapters import count_adapters
-
         shape = self.base_shape()
         tokens = memory.largest_step_tokens(dm) if dm is not None else None
         tokens = tokens or (memory.worst_step_tokens(dm) if dm is not None else self.base.max_seq_length)
-        trainable = count_adapters(self.adapters, shape).trainable
+        trainable = self.plan.budget.trainable
         chosen = memory.plan(self.base, self.adapters, shape, trainable, self.optim["name"], tokens, cap,
                              backends.resolve(self.base.backend))  # fmt: skip
         if chosen is None:
@@ -224,11 +233,7 @@ class FFFModule(L.LightningModule):
     def checkpoint_bytes(self) -> int:
         """About how large a checkpoint of this run is: the adapters and their optimizer states (the adapters are
         checked first: a size they must not have is refused, not estimated)."""
-        from fff_lightning.adapters import count_adapters
-
-        check_before_loading(self.base, self.adapters, self.base_shape(), self.adapter_path)
-        trainable = count_adapters(self.adapters, self.base_shape()).trainable
-        return trainable * (4 + _OPTIMIZER_BYTES[self.optim["name"]])
+        return self.plan.checkpoint_bytes(_OPTIMIZER_BYTES[self.optim["name"]])
 
     def export_adapters(self, folder: str | Path, **facts) -> Path:
         """Write the adapters alone to ``folder`` (safetensors + the adapter config), with ``facts`` about the run."""
@@ -246,7 +251,7 @@ class FFFModule(L.LightningModule):
         if self.model is not None:
             return
         self.model, self.tokenizer, self._shape = load_model(
-            self.base, self.adapters, adapter_path=self.adapter_path, seed=self.seed
+            self.base, self.adapters, adapter_path=self.adapter_path, seed=self.seed, plan=self.plan
         )
         # from_pretrained leaves the base model in eval mode, Lightning keeps each module's mode when fit starts,
         # and transformers and Unsloth checkpoint (and drop padding masks) only in training mode: train it.

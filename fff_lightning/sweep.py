@@ -214,7 +214,6 @@ def _suffix(settings: dict) -> str:
 def expand(grid: Grid) -> list[Run]:
     """Every run of the grid (per arm, per seed), with its name and ``fit`` overrides, then the baselines asked
     for."""
-    from fff_lightning.adapters import count_adapters
     from fff_lightning.run_config import describe_run
 
     shared = [_flag(k, v) for k, v in grid.set.items()]
@@ -234,7 +233,7 @@ def expand(grid: Grid) -> list[Run]:
                 name = group + (f"-seed={seed}" if seed is not None else "")
                 trainable = error = None
                 try:
-                    trainable = count_adapters(module.adapters, module.base_shape()).trainable
+                    trainable = module.plan.budget.trainable  # the run resolved and checked as fit will
                 except ConfigError as e:  # e.g. a layer the model does not have: recorded as failed, not started
                     error = f"error: {e}"
                 runs.append(Run(name, overrides, trainable=trainable, error=error, configs=configs, seed=seed,

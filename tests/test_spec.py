@@ -112,3 +112,44 @@ def test_every_check_runs_before_any_weight_or_data(tmp_path, monkeypatch, extra
     args = ["fit", "--config", QUICK, "--logs_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *extra]
     with pytest.raises(ConfigError, match=message):
         run_lightning(args)
+
+
+def test_a_fit_resolves_its_adapters_reads_its_shape_and_checks_once(tmp_path, monkeypatch):
+    """The run is planned once, before any class exists: the module, the budget guard (its target is another
+    config: read for its adapters, no second parser), the loader and the export read the plan."""
+    from collections import Counter
+
+    from helpers import quick_args
+
+    from fff_lightning import adapters, lightning_cli, loading, plan, run_config
+
+    calls = Counter()
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(plan, "plan_run", counted(plan, "plan_run"))
+    for module in (lightning_cli, loading):
+        monkeypatch.setattr(module, "plan_run", plan.plan_run)
+    monkeypatch.setattr(adapters, "read_spec", counted(adapters, "read_spec"))
+    monkeypatch.setattr(adapters, "check_size", counted(adapters, "check_size"))
+    monkeypatch.setattr(plan, "check_size", adapters.check_size, raising=False)
+    monkeypatch.setattr(BaseModelConfig, "shape", counted(BaseModelConfig, "shape"))
+    monkeypatch.setattr(run_config, "describe_run", counted(run_config, "describe_run"))
+    guard = ["--trainer.callbacks+=fff_lightning.callbacks.ParameterBudget",
+             f"--trainer.callbacks.target={QUICK}", "--trainer.callbacks.tolerance=0.01"]  # fmt: skip
+    cli = lightning_cli.run_lightning(quick_args(tmp_path, "--trainer.limit_val_batches", "0", *guard, steps=1))
+    assert cli.trainer.global_step == 1 and (tmp_path / "tiny").is_dir()
+    assert calls == {"plan_run": 1, "check_size": 1, "shape": 1}, calls
+    # and the adapter folder it wrote is read once when another run starts from it
+    calls.clear()
+    run = next((tmp_path / "tiny").iterdir())
+    lightning_cli.run_lightning(["validate", "--config", QUICK, "--model.adapter_path", str(run / "adapter"),
+                                 "--trainer.limit_val_batches", "1", "--out_dir", str(tmp_path / "val")])  # fmt: skip
+    assert calls == {"plan_run": 1, "check_size": 1, "shape": 1, "read_spec": 1}, calls

@@ -44,7 +44,8 @@ class ParameterBudget(L.Callback):
 
         b = self.budget = module.plan.budget
         target = self._target(module.base_shape())
-        lines = [f"{kinds.get(k).title} {n:,}" for k, n in b.counts.items()] + [f"trainable {b.trainable:,}"]
+        shown = list(b.counts) if {"fff", "lora"} & set(module.adapters.configs) else list(module.adapters.configs)
+        lines = [f"{kinds.get(k).title} {b.counts.get(k, 0):,}" for k in shown] + [f"trainable {b.trainable:,}"]
         lines.append(f"{b.share:.3%} of the base model's {b.base:,}")
         source = f", {Path(self.target).name}'s adapters on this base model" if isinstance(self.target, str) else ""
         if target:

@@ -224,11 +224,15 @@ class FFFModule(L.LightningModule):
             log.warning("memory plan: %.2f GiB -> none (the planner is calibrated for the unsloth backend only); "
                         "checkpointing as configured", cap)  # fmt: skip
             return
-        self.memory_plan = chosen
-        self.base = memory.planned_base(self.base, chosen)
+        self.memory_plan = chosen  # the model loads with its checkpointing (loaded_base); the config stays as given
         if self.trainer.is_global_zero:
             print(f"memory plan: {cap:.2f} GiB -> {chosen.describe()}, predicted peak {chosen.peak_gib:.2f} GiB "
                   f"(steps of up to {tokens:,} tokens)", flush=True)  # fmt: skip
+
+    @property
+    def loaded_base(self) -> BaseModelConfig:
+        """The base model as it loads: the config's, with the memory plan's checkpointing when one was chosen."""
+        return memory.planned_base(self.base, self.memory_plan) if self.memory_plan is not None else self.base
 
     def checkpoint_bytes(self) -> int:
         """About how large a checkpoint of this run is: the adapters and their optimizer states (the adapters are
@@ -251,7 +255,7 @@ class FFFModule(L.LightningModule):
         if self.model is not None:
             return
         self.model, self.tokenizer, self._shape = load_model(
-            self.base, self.adapters, adapter_path=self.adapter_path, seed=self.seed, plan=self.plan
+            self.loaded_base, self.adapters, adapter_path=self.adapter_path, seed=self.seed, plan=self.plan
         )
         # from_pretrained leaves the base model in eval mode, Lightning keeps each module's mode when fit starts,
         # and transformers and Unsloth checkpoint (and drop padding masks) only in training mode: train it.

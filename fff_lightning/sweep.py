@@ -51,7 +51,14 @@ from pathlib import Path
 from fff_lightning import config_files
 from fff_lightning.errors import ConfigError
 
-ADAPTER_KEYS = ("model.fff", "model.lora")
+
+def adapter_keys() -> tuple[str, ...]:
+    """``model.<kind>`` of every adapter kind (a grid key under one of them changes the run's adapters)."""
+    from fff_lightning import kinds
+
+    return tuple(f"model.{k}" for k in kinds.names())
+
+
 #: Grid keys the run's legend already shows (``lora-[128]-6-[gelu_new]-[up_proj]``); others go into a suffix.
 IN_LEGEND = ("model.fff.width", "model.fff.n_sublayers", "model.fff.activation", "model.fff.targets")
 BASELINES = ("lora_rank",)
@@ -262,8 +269,9 @@ def _baseline(module, settings: dict, shared: list[str], of: str, target: int | 
     match = match_lora_rank(module.base_shape(), target, module.adapters.lora)
     r = match.value
     lora = {"r": r, **({} if module.adapters.lora is None else {"alpha": None, "preset": None})}
-    other = {k: v for k, v in settings.items() if not k.startswith(ADAPTER_KEYS)}
-    overrides = [*shared, *(_flag(k, v) for k, v in other.items()), "--model.fff=null", _flag("model.lora", lora),
+    other = {k: v for k, v in settings.items() if not k.startswith(adapter_keys())}
+    others_off = [f"--{k}=null" for k in adapter_keys() if k != "model.lora"]  # LoRA alone: FFF and the rest off
+    overrides = [*shared, *(_flag(k, v) for k, v in other.items()), *others_off, _flag("model.lora", lora),
                  *seeded]  # fmt: skip
     group = f"{prefix}lora-r{r}{_suffix(other)}"  # an arm's baseline is that arm's
     name = group + (f"-seed={seed}" if seed is not None else "")

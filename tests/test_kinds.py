@@ -126,19 +126,19 @@ def test_budget_matches_dora_and_the_parallel_adapter_to_a_budget(capsys):
     assert "parallel bottleneck" in capsys.readouterr().out
 
 
-def test_a_sweep_compares_arms_of_any_kinds(tmp_path):
+def test_a_sweep_compares_arms_of_any_kinds(tmp_path, capsys):
     grid = {"sweep": {"experiment": "kinds", "configs": [QUICK], "seeds": [1, 2],
                       "arms": {"fff": {}, "dora": {"set": {"model.fff": None, "model.lora": None, "model.dora.r": 4}},
                                "par_bn": {"set": {"model.fff": None, "model.lora": None,
                                                   "model.par_bn.bottleneck": 16}}}}}  # fmt: skip
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
-    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(path), "--logs_dir", str(tmp_path),
-           "--dry-run"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    from fff_lightning.sweep import main as sweep_main
+
+    sweep_main(["--config", str(path), "--logs_dir", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
     for name in ("dora-dora-r4-seed=1", "par_bn-par_bn-b16-seed=2", "fff-lora-[32]-2-[gelu_new]-[up_proj]-seed=1"):
-        assert name in out.stdout, out.stdout
+        assert name in out, out
 
 
 MY_KIND = '''
@@ -202,7 +202,19 @@ def test_a_kind_from_another_package_is_one_module_and_an_entry_point(tmp_path):
     run = tmp_path / "logs" / "tiny" / "gain"
     saved = json.loads((run / "adapter" / "fff_adapter_config.json").read_text())
     assert saved["gain"] == {"layers": "1-2"} and saved["parameters"]["gain"] == 2 * 64
-    budget = subprocess.run([sys.executable, "-m", "fff_lightning", "budget", "--config", QUICK, *NO_FFF_LORA,
-                             "--model.gain.layers", "all", "--json"], capture_output=True, text=True, env=env,
-                            timeout=300)  # fmt: skip
-    assert json.loads(budget.stdout)["gain"] == 4 * 64, budget.stderr[-2000:]
+    assert "parameter budget: gain 128 | trainable 128" in out.stdout  # the guard counts it like any kind
+
+
+def test_a_grids_lora_baseline_is_lora_alone_whatever_kinds_the_run_has(tmp_path):
+    from fff_lightning.run_config import describe_run
+    from fff_lightning.sweep import expand, load_grid
+
+    grid = {"sweep": {"experiment": "b", "configs": [QUICK], "baselines": "lora_rank",
+                      "set": {"model.par_bn.bottleneck": 8}, "grid": {"model.fff.width": [16]}}}  # fmt: skip
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    runs = expand(load_grid(tmp_path / "grid.yaml"))
+    run, baseline = runs
+    assert run.name.endswith("+par_bn-b8") and baseline.baseline_of == run.name
+    spec = describe_run(QUICK, overrides=baseline.overrides).model.adapters
+    assert list(spec.configs) == ["lora"] and spec.lora.rank == int(baseline.name.removeprefix("lora-r"))
+    assert baseline.trainable == count_adapters(spec, tiny_base().shape()).trainable

@@ -180,7 +180,8 @@ def test_a_capped_fit_runs_the_plan_it_prints(monkeypatch, capsys):
     module._plan_memory(7.5, dm)
     out = capsys.readouterr().out
     assert out.startswith("memory plan: 7.50 GiB -> first 31 of 32 layers checkpointed") and "6,144 tokens" in out
-    assert (module.base.checkpoint_layers, module.base.recompute_fff) == (31, True)
+    assert (module.loaded_base.checkpoint_layers, module.loaded_base.recompute_fff) == (31, True)
+    assert module.base == described.model.plan.base  # the run's config is not rewritten
     assert module.memory_plan.checkpointed == 31
     with pytest.raises(ConfigError, match="no memory plan fits 4.00 GiB"):
         module._plan_memory(4.0, dm)

@@ -92,13 +92,14 @@ def _sweep(tmp_path: Path, steps: int = 4) -> tuple[Path, subprocess.CompletedPr
 
 
 @pytest.mark.slow
-def test_a_seeds_sweep_finds_a_planted_difference_and_reruns_only_what_is_unfinished(tmp_path):
+def test_a_seeds_sweep_finds_a_planted_difference_and_reruns_only_what_is_unfinished(tmp_path, monkeypatch, capsys):
     """One 9-run sweep (a third of the suite's time once) read by both checks: one test, so that xdist's workers
     never run the sweep twice."""
     (tmp_path / "sweep").mkdir()
     grid, out = _sweep(tmp_path / "sweep")
     a_planted_difference_is_found_and_seeds_alone_are_not(tmp_path / "sweep", out)
-    a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp_path / "sweep", grid, tmp_path)
+    a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp_path / "sweep", grid, tmp_path,
+                                                                            monkeypatch, capsys)  # fmt: skip
 
 
 def a_planted_difference_is_found_and_seeds_alone_are_not(tmp, out):
@@ -132,15 +133,20 @@ def a_planted_difference_is_found_and_seeds_alone_are_not(tmp, out):
     assert "seeds paired in order" in " ".join(result["notes"])
 
 
-def a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp, grid, tmp_path):
-    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp), "--dry-run"]
-    listed = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300).stdout
+def a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp, grid, tmp_path, monkeypatch, capsys):
+    from fff_lightning.sweep import main as sweep_main
+
+    capsys.readouterr()
+    sweep_main(["--config", str(grid), "--logs_dir", str(tmp), "--dry-run"])  # in this process: no start-up to pay
+    listed = capsys.readouterr().out
     assert listed.count("-seed=") == 9 and listed.count("(finished: skipped)") == 8
     # the same grid by another path, from another folder: the same runs, still finished
-    other = subprocess.run([*cmd[:4], "--config", grid.name, *cmd[6:]], capture_output=True, text=True, env=ENV,
-                           timeout=300, cwd=grid.parent)  # fmt: skip
-    assert other.stdout.count("(finished: skipped)") == 8, other.stdout + other.stderr
-    again = subprocess.run(cmd[:-1] + ["--quiet"], capture_output=True, text=True, env=ENV, timeout=600)
+    monkeypatch.chdir(grid.parent)
+    sweep_main(["--config", grid.name, "--logs_dir", str(tmp), "--dry-run"])
+    other = capsys.readouterr().out
+    assert other.count("(finished: skipped)") == 8, other
+    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp), "--quiet"]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert "9 runs, 8 already finished, 1 to run" in again.stdout  # only the failed seed runs again (and fails)
 
     # Runs from before the per-sample file: copy two arms without it

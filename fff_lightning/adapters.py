@@ -32,8 +32,9 @@ def adapter_kind(name: str, spec: AdapterSpec | None = None) -> str | None:
     return spec.kind_of(name) if spec is not None else kinds.kind_of(name)
 
 
-def is_adapter(name: str) -> bool:
-    return adapter_kind(name) is not None
+def is_adapter(name: str, spec: AdapterSpec | None = None) -> bool:
+    """Whether a parameter is an adapter's: one of ``spec``'s kinds' where the run is known, else any kind's."""
+    return adapter_kind(name, spec) is not None
 
 
 def canonical_name(name: str) -> str:
@@ -43,9 +44,9 @@ def canonical_name(name: str) -> str:
     return name.removeprefix(_PEFT_PREFIX).replace("model.language_model.", "model.", 1)
 
 
-def mark_only_adapters_trainable(model: nn.Module) -> None:
+def mark_only_adapters_trainable(model: nn.Module, spec: AdapterSpec | None = None) -> None:
     for name, param in model.named_parameters():
-        param.requires_grad = is_adapter(name)
+        param.requires_grad = is_adapter(name, spec)
 
 
 def count_parameters(model: nn.Module, spec: AdapterSpec | None = None) -> dict[str, int]:
@@ -86,7 +87,7 @@ def apply_adapters(spec: AdapterSpec, model: nn.Module, shape, add_lora=None):
     ctx = Injection(add_lora=add_lora)
     for kind in spec.kinds():
         model = kind.inject(model, spec.configs[kind.name], shape, ctx)
-    mark_only_adapters_trainable(model)
+    mark_only_adapters_trainable(model, spec)
     return model, ctx.wrapped
 
 
@@ -105,7 +106,10 @@ def _on_meta(spec: AdapterSpec, shape) -> tuple[int, dict[str, tuple[int, ...]]]
             model = AutoModelForCausalLM.from_config(shape)
             base = sum(p.numel() for p in model.parameters())
             model, _ = apply_adapters(spec, model, shape)
-        _META[key] = (base, {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters() if is_adapter(n)})
+        _META[key] = (
+            base,
+            {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters() if is_adapter(n, spec)},
+        )
     return _META[key]
 
 
@@ -155,9 +159,9 @@ def resolve_adapters(fff=None, lora=None, adapter_path: str | Path | None = None
     return AdapterSpec.resolve(configs, read_spec(adapter_path) if adapter_path is not None else None)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors, keyed by canonical name."""
-    return {canonical_name(n): p.detach() for n, p in model.named_parameters() if is_adapter(n)}
+def adapter_state_dict(model: nn.Module, spec: AdapterSpec | None = None) -> dict[str, torch.Tensor]:
+    """The adapters' tensors (of ``spec``'s kinds where given), keyed by canonical name."""
+    return {canonical_name(n): p.detach() for n, p in model.named_parameters() if is_adapter(n, spec)}
 
 
 def save_adapters(
@@ -180,11 +184,19 @@ def save_adapters(
 
     from fff_lightning.files import write_atomically
 
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    spec = spec if spec is not None else AdapterSpec(fff, lora)
+    unnamed = {adapter_kind(n) for n, _ in model.named_parameters()} - {None} - set(spec.configs)
+    if spec.dora is not None:
+        unnamed.discard("lora")  # DoRA's parameters are named like LoRA's
+    if unnamed:
+        unnamed = sorted(unnamed)
+        raise ConfigError(
+            "adapter", f"the model also carries {unnamed[0]} adapters, which fff/lora do not describe: pass spec="
+        )
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, spec).items()}
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteAdapters(f"{len(bad)} adapter tensor(s) hold NaN or infinity (e.g. {bad[0]}); not saved")
-    spec = spec if spec is not None else AdapterSpec(fff, lora)
     counts = count_parameters(model, spec)
     config = {
         "format_version": FORMAT_VERSION,
@@ -279,7 +291,7 @@ def load_adapters(model: nn.Module, folder: str | Path) -> None:
         raise ConfigError(
             "adapter", f"{Path(folder) / WEIGHTS_NAME} is truncated or corrupt ({e}); export the adapters again"
         ) from None
-    params = {canonical_name(n): p for n, p in model.named_parameters() if is_adapter(n)}
+    params = {canonical_name(n): p for n, p in model.named_parameters() if is_adapter(n)}  # of any kind: all must match
     mismatch(folder, {k: tuple(p.shape) for k, p in params.items()}, {k: tuple(v.shape) for k, v in saved.items()})
     not_float = sorted(k for k, v in saved.items() if not v.dtype.is_floating_point)
     if not_float:

@@ -56,7 +56,12 @@ def config_adapters(path: str) -> AdapterSpec:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise ConfigError("model", f"{file} has no model section (a run config, as fit takes it)")
-    return resolve_adapters(adapter_path=model.get("adapter_path"), **{k: model.get(k) for k in kinds.names()})
+    try:
+        return resolve_adapters(adapter_path=model.get("adapter_path"), **{k: model.get(k) for k in kinds.names()})
+    except (TypeError, ValueError, ConfigError):  # a value YAML alone does not type (e.g. 1e-2 read as a string)
+        from fff_lightning.run_config import describe_run
+
+        return describe_run(file).model.adapters  # the full parser's reading, which types it or says what is wrong
 
 
 def config_budget(path: str, shape, field: str) -> int:

@@ -98,6 +98,10 @@ def memory_plans(described, cards: list[float]) -> list[dict]:
     backend = run.base.backend
     if mp.calibration(backend, dry_run=True) is None:
         raise ConfigError("--memory", f"the memory plan is calibrated for the unsloth backend; this run uses {backend}")
+    unplanned = [k.name for k in run.adapters.kinds() if not k.planned_in_memory]
+    if unplanned:
+        raise ConfigError("--memory", f"the memory plan does not model the {unplanned[0]} adapter (calibrated for FFF "
+                          "and LoRA); a cap still caps the allocator, with checkpointing as configured")  # fmt: skip
     shape = run.plan.shape
     tokens = memory.worst_step_tokens(dm)
     trainable = run.plan.budget.trainable

@@ -46,6 +46,7 @@ def build_model(
     lora: LoRAConfig | None = None,
     adapter_path: str | Path | None = None,
     seed: int | None = None,
+    **others,
 ):
     """Load the base model with FFF and/or LoRA on it (the adapters of ``adapter_path`` when given).
 
@@ -56,12 +57,13 @@ def build_model(
         adapter_path: a folder written by :func:`fff_lightning.adapters.save_adapters`; its own config decides the
             adapters (``fff``/``lora``, if given, must agree with it) and its weights are loaded into them.
         seed: seeds the adapters' initialisation (the global RNG is left as it was).
+        others: other adapter kinds' configs by name (``dora=...``, ``par_bn=...``).
 
     Returns:
         ``(model, tokenizer, shape)``: the adapted model (a ``PeftModel`` when LoRA is on), its tokenizer and the
         base model's ``transformers`` config.
     """
-    return load_model(base, resolve_adapters(fff, lora, adapter_path), adapter_path=adapter_path, seed=seed)
+    return load_model(base, resolve_adapters(fff, lora, adapter_path, **others), adapter_path=adapter_path, seed=seed)
 
 
 def build_from_adapter(base: BaseModelConfig, adapter_path: str | Path, **kwargs):
@@ -79,6 +81,7 @@ def load_model(
     shape = plan.shape
     backend = backends.get(base.backend)
     backend.check_available()
+    backend.check_adapters(adapters)
     dtype = compute_dtype(base)
     model, tokenizer = backend.load(base, dtype)
     log.info("loaded %s through the %s backend (%s, 4-bit: %s)", backend.model_name(base), backend.name, dtype,

@@ -221,8 +221,10 @@ class FFFModule(L.LightningModule):
         chosen = memory.plan(self.base, self.adapters, shape, trainable, self.optim["name"], tokens, cap,
                              backends.resolve(self.base.backend))  # fmt: skip
         if chosen is None:
-            log.warning("memory plan: %.2f GiB -> none (the planner is calibrated for the unsloth backend only); "
-                        "checkpointing as configured", cap)  # fmt: skip
+            unplanned = [k.name for k in self.adapters.kinds() if not k.planned_in_memory]
+            why = (f"the planner does not model the {unplanned[0]} adapter" if unplanned
+                   else "the planner is calibrated for the unsloth backend only")  # fmt: skip
+            log.warning("memory plan: %.2f GiB -> none (%s); checkpointing as configured", cap, why)
             return
         self.memory_plan = chosen  # the model loads with its checkpointing (loaded_base); the config stays as given
         if self.trainer.is_global_zero:
@@ -265,7 +267,7 @@ class FFFModule(L.LightningModule):
 
     # -- checkpoints: adapters only ----------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if is_adapter(k)}
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if is_adapter(k, self.adapters)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_finite()  # a step that diverged is never saved
@@ -599,6 +601,9 @@ def _signature_with_kinds() -> None:
     sig = inspect.signature(FFFModule.__init__)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     for kind in kinds.kinds():
+        if kind.name in sig.parameters and kind.name not in ("fff", "lora"):
+            raise ValueError(f"adapter kind {kind.name!r} ({type(kind).__module__}) is named like an option of the "
+                             "model: give it another name")  # fmt: skip
         if kind.name not in sig.parameters:
             params.append(inspect.Parameter(kind.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                             annotation=kind.config | None))  # fmt: skip

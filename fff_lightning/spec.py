@@ -1,4 +1,5 @@
-"""What a run is made of, validated once: the base model, the FFF and LoRA adapters, and which adapters a run has.
+"""What a run is made of, validated once: the base model, and which adapters a run has (one config per adapter
+kind: FFF, LoRA, DoRA, the parallel bottleneck adapter or any registered one, :mod:`fff_lightning.kinds`).
 
 This module imports no heavy library (torch, transformers, PEFT load only inside the methods that need them), so
 configs can be read, checked, named and counted in a second, before any weight or data is touched. Every
@@ -9,7 +10,7 @@ values with the same message, naming the field as it is written in a YAML config
 :class:`AdapterSpec` is "which adapters this run has": read from a config, an adapter folder's JSON or a
 checkpoint; its legend names the run; :meth:`AdapterSpec.check` tests it against a model's shape. Putting adapters
 on a model, counting them on the meta device and reading adapter folders live above this module, in
-:mod:`fff_lightning.adapters`.
+:mod:`fff_lightning.adapters`; a run resolved and checked once is :class:`fff_lightning.plan.RunPlan`.
 
 Sizes are bounded before anything is allocated: by the model where it decides (layers, positions; adapters no
 larger than the model, in :mod:`fff_lightning.adapters`), else by the stated bounds below.
@@ -25,13 +26,21 @@ from fff_lightning import backends, kinds, memory
 from fff_lightning.backends import BACKENDS, MISTRAL_7B
 from fff_lightning.checks import MAX_LAYER_INDEX, choice, is_all, parse_layers, positive_int
 from fff_lightning.errors import ConfigError
-from fff_lightning.kinds.fff import FFF_INITS, FFF_PREFIX, FFF_TARGETS, INNER, MAX_SUBLAYERS, FFFConfig
+from fff_lightning.kinds.fff import (
+    FFF_INITS,
+    FFF_PREFIX,
+    FFF_TARGETS,
+    INNER,
+    MAX_SUBLAYERS,
+    FFFConfig,
+    activation_names,
+)
 from fff_lightning.kinds.lora import ALL_LINEAR, LORA_PRESETS, LoRAConfig
 
 __all__ = [
     "ALL_LINEAR", "CONFIG_NAME", "FFF_INITS", "FFF_PREFIX", "FFF_TARGETS", "INNER", "LORA_PRESETS", "MAX_LAYER_INDEX",
     "MAX_SUBLAYERS", "WEIGHTS_NAME", "AdapterSpec", "BaseModelConfig", "Budget", "FFFConfig", "LoRAConfig",
-    "TinyConfig", "choice", "is_all", "parse_layers", "positive_int",
+    "TinyConfig", "activation_names", "choice", "is_all", "parse_layers", "positive_int",
 ]  # fmt: skip
 
 #: An exported adapter folder: its weights (safetensors) and its config (JSON).
@@ -294,11 +303,14 @@ class AdapterSpec:
         """The run's name in the research's legend style: ``lora-[128]-6-[gelu_new]-[up_proj]`` (FFF + LoRA),
         ``fff-[128]-6-[gelu_new]-[up_proj]`` (FFF alone), ``lora-r46`` (LoRA alone); other kinds add their own part
         (``dora-r16``, ``par_bn-b64``), joined by ``+``."""
-        parts = [k.legend(self.configs[k.name]) for k in self.kinds()]
-        if self.fff is not None and self.lora is not None:  # the research's name of FFF + LoRA
-            parts.remove(kinds.get("lora").legend(self.lora))
-            parts[0] = "lora" + parts[0].removeprefix("fff")
-        return "+".join(parts)
+        head = []
+        if self.fff is not None:  # the research's names: FFF (+ LoRA) first
+            fff = kinds.get("fff").legend(self.fff)
+            head = ["lora" + fff.removeprefix("fff") if self.lora is not None else fff]
+        elif self.lora is not None:
+            head = [kinds.get("lora").legend(self.lora)]
+        rest = [k.legend(self.configs[k.name]) for k in self.kinds() if k.name not in ("fff", "lora")]
+        return "+".join(head + rest)
 
     # -- against a model -----------------------------------------------------------------------------------------
     def check(self, shape) -> None:

@@ -270,7 +270,10 @@ def _baseline(module, settings: dict, shared: list[str], of: str, target: int | 
     r = match.value
     lora = {"r": r, **({} if module.adapters.lora is None else {"alpha": None, "preset": None})}
     other = {k: v for k, v in settings.items() if not k.startswith(adapter_keys())}
-    others_off = [f"--{k}=null" for k in adapter_keys() if k != "model.lora"]  # LoRA alone: FFF and the rest off
+    # LoRA alone: FFF off (as sweeps always wrote it, so recorded baselines stay finished) and any other kind it has
+    others_off = ["--model.fff=null"] + [
+        f"--model.{k}=null" for k in module.adapters.configs if k not in ("fff", "lora")
+    ]
     overrides = [*shared, *(_flag(k, v) for k, v in other.items()), *others_off, _flag("model.lora", lora),
                  *seeded]  # fmt: skip
     group = f"{prefix}lora-r{r}{_suffix(other)}"  # an arm's baseline is that arm's

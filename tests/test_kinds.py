@@ -218,3 +218,36 @@ def test_a_grids_lora_baseline_is_lora_alone_whatever_kinds_the_run_has(tmp_path
     spec = describe_run(QUICK, overrides=baseline.overrides).model.adapters
     assert list(spec.configs) == ["lora"] and spec.lora.rank == int(baseline.name.removeprefix("lora-r"))
     assert baseline.trainable == count_adapters(spec, tiny_base().shape()).trainable
+    assert [o for o in baseline.overrides if o.endswith("=null")] == ["--model.fff=null", "--model.par_bn=null"]
+
+
+def test_what_cannot_work_with_a_kind_is_one_line(tmp_path):
+    from fff_lightning.adapters import save_adapters
+    from fff_lightning.backends.unsloth import Unsloth
+    from fff_lightning.budget_cli import main as budget_main
+    from fff_lightning.loading import load_model
+
+    with pytest.raises(ConfigError, match="model.par_bn: hooks the MLP module, which Unsloth's fast generation"):
+        Unsloth().check_adapters(AdapterSpec(par_bn={"bottleneck": 4}))
+    Unsloth().check_adapters(AdapterSpec(dora={"r": 4}))  # DoRA goes through plain PEFT there
+    with pytest.raises(ConfigError, match="--memory: the memory plan does not model the par_bn adapter"):
+        budget_main(["--config", "step2", "--model.par_bn.bottleneck", "8", "--memory", "8"])
+    spec = AdapterSpec(lora={"r": 2}, par_bn={"bottleneck": 4, "layers": "1"})
+    model, _, _ = load_model(tiny_base(), spec, seed=1)
+    with pytest.raises(ConfigError, match="the model also carries par_bn adapters, which fff/lora do not describe"):
+        save_adapters(model, tmp_path / "a", None, spec.lora)  # the old call would write a folder it cannot reload
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_budget_target_is_read_for_its_adapters_as_fit_reads_them(tmp_path):
+    from fff_lightning.budget import config_budget
+
+    shape = tiny_base().shape()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model:\n  fff: {n_sublayers: 1, width: 8, layers: '1'}\n  lora: null\n")
+    typed = tmp_path / "typed.yaml"  # YAML alone reads 1e-2 as a string; the parser types it as fit does
+    typed.write_text(
+        "model:\n  base: {backend: tiny}\n  fff: {n_sublayers: 1, width: 8, layers: '1', init_std: 1e-2}\n"
+    )
+    expected = count_adapters(AdapterSpec(fff={"n_sublayers": 1, "width": 8, "layers": "1"}), shape).trainable
+    assert config_budget(str(plain), shape, "t") == config_budget(str(typed), shape, "t") == expected

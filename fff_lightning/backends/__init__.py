@@ -102,6 +102,9 @@ class Backend:
         """``(model, tokenizer)``: the base model on this process's device, prepared for k-bit training."""
         raise NotImplementedError
 
+    def check_adapters(self, adapters) -> None:
+        """Refuse, before loading, adapter kinds this backend cannot run (one line)."""
+
     def lora_adder(self, base, shape, seed):
         """``None`` (plain PEFT) or ``(model, lora, wrapped) -> model`` that puts LoRA on the model its own way."""
         return None

@@ -58,6 +58,14 @@ class Unsloth(Backend):
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
         return model, tokenizer
 
+    def check_adapters(self, adapters) -> None:
+        """Unsloth's fast generation calls an MLP's projections itself, not the MLP module, so a kind that hooks
+        the MLP (the parallel bottleneck adapter) would train but be left out of ``predict``: refused."""
+        hooked = [k.name for k in adapters.kinds() if k.hooks_mlp]
+        if hooked:
+            raise ConfigError(f"model.{hooked[0]}", "hooks the MLP module, which Unsloth's fast generation bypasses: "
+                              "use model.base.backend hf for it")  # fmt: skip
+
     def lora_adder(self, base, shape, seed):
         """LoRA through Unsloth's ``get_peft_model`` (its fused kernels and checkpointing), in the spec's order."""
 

@@ -71,6 +71,8 @@ class AdapterKind:
     match_alone: bool = True
     #: the memory plan (``model.base.max_memory_gib``) is calibrated for this kind
     planned_in_memory: bool = False
+    #: it works through a forward hook on the MLP module (backends that bypass the module refuse it)
+    hooks_mlp: bool = False
 
     def owns(self, param: str) -> bool:
         """Whether a parameter (by its name in the adapted model) is one of this kind's."""
@@ -121,10 +123,15 @@ def _load() -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    import logging
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINTS):
-        ep.load()
+        try:
+            ep.load()
+        except Exception as e:  # a broken plug-in is named and left out; the shipped kinds still work
+            logging.getLogger(__name__).warning("adapter kind plug-in %s (%s) failed to load and is left out: %s: %s",
+                                                ep.name, ep.value, type(e).__name__, e)  # fmt: skip
 
 
 def kinds() -> list[AdapterKind]:

@@ -8,7 +8,8 @@ output is added to the MLP's::
 the FFF study compares against (FFF transforms a projection's input; this adds a parallel branch), as one module:
 its config (``model.par_bn``), its layer, how it is put on a model, named and sized (``budget --match par_bn``:
 its bottleneck width). It may share a model with FFF and LoRA (LoRA still adapts the MLP's own projections). The
-memory plan is not calibrated for it.
+memory plan is not calibrated for it, and the unsloth backend refuses it (Unsloth's fast generation calls the MLP's
+projections directly, so the hook would not run in ``predict``).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class ParallelBottleneckKind(AdapterKind):
     title = "parallel bottleneck"
     order = 20  # after FFF (which wraps projections inside the MLP), before LoRA
     match_field = "bottleneck"
+    hooks_mlp = True
 
     def owns(self, param: str) -> bool:
         return f".{ATTRIBUTE}." in param

@@ -80,3 +80,16 @@ def test_a_folder_with_a_file_for_one_split_and_not_the_other_is_refused(tmp_pat
     src = SourceConfig("ultrachat", str(tmp_path), "ultrachat", train_split="train", val_split="test_sft")
     with pytest.raises(ConfigError, match="holds a file for split 'test_sft' but none named 'train'"):
         prepare_source(src, None, TextOptions("research", "all", 64, None), 0, None, None)
+
+
+def test_a_tokenizers_fingerprint_is_taken_once_and_again_when_its_vocabulary_grows(monkeypatch):
+    from fff_lightning.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)  # the offline Mistral tokenizer
+    taken = []
+    real = prepare._fingerprint
+    monkeypatch.setattr(prepare, "_fingerprint", lambda t: taken.append(1) or real(t))
+    first = prepare.tokenizer_fingerprint(tok)
+    assert prepare.tokenizer_fingerprint(tok) == first and len(taken) == 1  # every source of a run asks
+    tok.add_tokens(["<fff_probe_token>"])
+    assert prepare.tokenizer_fingerprint(tok) != first and len(taken) == 2

@@ -55,7 +55,30 @@ class Prepared:
     from_cache: bool
 
 
+#: Fingerprints already taken, by tokenizer object (a run's sources share one tokenizer; hashing its vocabulary
+#: takes a quarter of a second): ``id -> (weak reference, vocabulary size, fingerprint)``.
+_FINGERPRINTS: dict[int, tuple] = {}
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokenized-data cache keys on: the tokenizer's vocabulary, special tokens and how it splits a probe;
+    taken once per tokenizer object (and again if its vocabulary grows)."""
+    import weakref
+
+    seen = _FINGERPRINTS.get(id(tokenizer))
+    if seen is not None and seen[0]() is tokenizer and seen[1] == len(tokenizer):
+        return seen[2]
+    try:
+        ref = weakref.ref(tokenizer)
+    except TypeError:  # an object that takes no weak reference: fingerprinted every time
+        ref = None
+    fingerprint = _fingerprint(tokenizer)
+    if ref is not None:
+        _FINGERPRINTS[id(tokenizer)] = (ref, len(tokenizer), fingerprint)
+    return fingerprint
+
+
+def _fingerprint(tokenizer) -> str:
     from fff_lightning.tokenizer import encode
 
     probe = "###USER: Hello,  world!\n###ASSISTANT:    42 is ▁the answer."

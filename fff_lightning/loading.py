@@ -104,8 +104,3 @@ def load_model(
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     return model, tokenizer, shape
-
-
-def check_before_loading(base: BaseModelConfig, adapters: AdapterSpec, shape=None, adapter_path=None) -> None:
-    """Every check of a run's model that needs no weight (:func:`fff_lightning.plan.plan_run` makes them)."""
-    plan_run(base, adapters, adapter_path)

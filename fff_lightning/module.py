@@ -98,15 +98,12 @@ class FFFModule(L.LightningModule):
         unknown = sorted(set(adapters) - set(kinds.names()))
         if unknown:
             raise TypeError(f"FFFModule got an unexpected keyword argument {unknown[0]!r}")
-        self._plan = current(base, adapter_path)  # the CLI's plan of this run: resolved and checked already
-        if self._plan is not None and adapter_path is None:
-            self.adapters = AdapterSpec(fff, lora, **adapters)  # the config's sections (no folder to read)
-            if self.adapters != self._plan.adapters:
-                self._plan = None
-        if self._plan is not None:  # the one answer to "which adapters", from the plan
-            self.adapters = AdapterSpec.resolve({"fff": fff, "lora": lora, **adapters}, self._plan.adapters)
+        configs = {"fff": fff, "lora": lora, **adapters}
+        self._plan = current(base, adapter_path, configs)  # the CLI's plan of this run: resolved and checked already
+        if self._plan is not None:  # the one answer to "which adapters": the plan's (sections beside a folder agree)
+            self.adapters = AdapterSpec.resolve(configs, self._plan.adapters)
         else:
-            self.adapters = resolve_adapters(fff, lora, adapter_path, **adapters)
+            self.adapters = resolve_adapters(adapter_path=adapter_path, **configs)
         self.adapter_path = adapter_path
         choice("model.optimizer", optimizer, OPTIMIZERS)
         choice("model.scheduler", scheduler, SCHEDULERS)

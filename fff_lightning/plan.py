@@ -69,10 +69,13 @@ def planned(plan: RunPlan):
         _PLANNED.reset(token)
 
 
-def current(base: BaseModelConfig, adapter_path) -> RunPlan | None:
-    """The plan the CLI made, if it is this module's (the same base model and adapter folder)."""
+def current(base: BaseModelConfig, adapter_path, configs: dict) -> RunPlan | None:
+    """The plan the CLI made, if it is this module's: the same base model and adapter folder and, without a folder,
+    the same adapter sections (``configs``: ``{kind: config or None}``)."""
     plan = _PLANNED.get()
     path = None if adapter_path is None else str(adapter_path)
-    if plan is not None and plan.base == base and plan.adapter_path == path:
-        return plan
-    return None
+    if plan is None or plan.base != base or plan.adapter_path != path:
+        return None
+    if path is None and AdapterSpec(**configs) != plan.adapters:
+        return None
+    return plan

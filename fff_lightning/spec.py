@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fff_lightning import backends, kinds, memory
+from fff_lightning import backends, kinds, memory, model_source
 from fff_lightning.backends import BACKENDS, MISTRAL_7B
 from fff_lightning.checks import MAX_LAYER_INDEX, choice, is_all, parse_layers, positive_int
 from fff_lightning.errors import ConfigError
@@ -139,7 +139,7 @@ class BaseModelConfig:
             raise ConfigError("model.base.max_seq_length", f"{self.max_seq_length:,} is more than {MAX_SEQ_LENGTH:,}")
         memory.check_value(self.max_memory_gib)
         path = self.name_or_path
-        if isinstance(path, str) and path.lower().endswith(".gguf") and not path.startswith("pypi:"):
+        if isinstance(path, str) and path.lower().endswith(".gguf") and not model_source.is_pypi(path):
             file = Path(path).expanduser()
             if not file.is_file():
                 raise ConfigError("model.base.name_or_path", f"no such GGUF file: {path}")

@@ -131,8 +131,8 @@ def render_chat(sample: Sample, tokenizer, template: str | None) -> tuple[str, l
     """
     eos = tokenizer.eos_token or ""
     marks = [f"\ue000{i}\ue001" for i in range(len(sample))]  # private-use characters: in no real text
-    text = _apply_template(tokenizer, [{"role": r, "content": c} for r, c in sample], template)
-    skeleton = _apply_template(
+    text = apply_template(tokenizer, [{"role": r, "content": c} for r, c in sample], template)
+    skeleton = apply_template(
         tokenizer, [{"role": r, "content": m} for (r, _), m in zip(sample, marks, strict=True)], template
     )
     fragments = re.split("\ue000\\d+\ue001", skeleton)
@@ -159,7 +159,9 @@ def render_chat(sample: Sample, tokenizer, template: str | None) -> tuple[str, l
     return text, spans
 
 
-def _apply_template(tokenizer, messages: list[dict], template: str | None, **kwargs) -> str:
+def apply_template(tokenizer, messages: list[dict], template: str | None, **kwargs) -> str:
+    """The chat template's text of ``messages`` (``kwargs`` to ``apply_chat_template``), without a BOS the tokenizer
+    adds itself."""
     text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
     return without_added_bos(tokenizer, text)
 

@@ -21,16 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from fff_lightning.errors import ConfigError
+from fff_lightning.files import offline  # noqa: F401  (hub.offline(), as the data code asks it)
 
 log = logging.getLogger(__name__)
 #: Data files a source may be made of, and the ``datasets`` builder that reads each.
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})(?P<rest>[^/]*)$")
-
-
-def offline() -> bool:
-    """Whether the hub must not be contacted (``HF_HUB_OFFLINE``), read now rather than at import."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cache() -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from fff_lightning.data.formatting import without_added_bos
+from fff_lightning.data.formatting import apply_template
 from fff_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,9 @@ class PromptRows(Dataset):
         if self.style == "research":
             text = f"###USER: {p}\n###ASSISTANT:"
         else:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}],
-                chat_template=self.template,
-                tokenize=False,
-                add_generation_prompt=True,
+            text = apply_template(
+                self.tokenizer, [{"role": "user", "content": p}], self.template, add_generation_prompt=True
             )
-            text = without_added_bos(self.tokenizer, text)
         from fff_lightning.tokenizer import encode
 
         ids = encode(self.tokenizer, text, sentencepiece=self.style == "research")[0]

@@ -103,7 +103,7 @@ def memory_plans(described, cards: list[float]) -> list[dict]:
         raise ConfigError("--memory", f"the memory plan does not model the {unplanned[0]} adapter (calibrated for FFF "
                           "and LoRA); a cap still caps the allocator, with checkpointing as configured")  # fmt: skip
     shape = run.plan.shape
-    tokens = memory.worst_step_tokens(dm)
+    tokens = dm.plan().worst_step_tokens  # before any data is read
     trainable = run.plan.budget.trainable
     rows = []
     for card in cards:

@@ -65,25 +65,6 @@ def apply(cap_gib: float | None, device) -> None:
              total / GIB)  # fmt: skip
 
 
-def largest_step_tokens(datamodule) -> int | None:
-    """Tokens of the largest training step of a prepared data module (padded: rows x the longest; packed: the
-    row's tokens), or ``None`` before its data is prepared."""
-    batches, rows = getattr(datamodule, "train_batches", None), getattr(datamodule, "train_set", None)
-    if not batches or rows is None:
-        return None
-    lengths = rows.lengths()  # already truncated to max_seq_length
-    if getattr(datamodule, "packing", False):
-        return max(sum(lengths[i] for i in b) for b in batches)
-    return max(len(b) * max(lengths[i] for i in b) for b in batches)
-
-
-def worst_step_tokens(datamodule) -> int:
-    """Tokens of the largest step the data config allows (before any data is read)."""
-    if getattr(datamodule, "packing", False):
-        return datamodule.tokens_per_batch
-    return datamodule.batch_size * datamodule.opts.max_seq_length
-
-
 def plan(
     base,
     adapters,

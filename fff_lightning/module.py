@@ -14,7 +14,9 @@ from torchmetrics import SumMetric
 
 from fff_lightning import backends, kinds, memory, table
 from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_adapters
+from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.data.formatting import IGNORE
+from fff_lightning.data.plan import DataPlan
 from fff_lightning.distributed import HostValue, check_strategy
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.loading import load_model
@@ -208,12 +210,18 @@ class FFFModule(L.LightningModule):
             if hasattr(callback, "preflight"):
                 callback.preflight(trainer, self)
 
-    def _plan_memory(self, cap: float, dm) -> None:
+    def data_plan(self) -> DataPlan | None:
+        """The run's data as its data module plans it (:class:`~fff_lightning.data.plan.DataPlan`); ``None`` for a
+        data module of one's own (then no per-dataset table, and the memory plan assumes one row of
+        ``max_seq_length``)."""
+        dm = self.trainer.datamodule
+        return dm.plan() if isinstance(dm, FFFDataModule) else None
+
+    def _plan_memory(self, cap: float, data: DataPlan | None) -> None:
         """Choose the memory plan for ``cap`` GiB from the largest step of the prepared data, before any weight
         loads, and run with it (its checkpointing replaces the config's)."""
         shape = self.base_shape()
-        tokens = memory.largest_step_tokens(dm) if dm is not None else None
-        tokens = tokens or (memory.worst_step_tokens(dm) if dm is not None else self.base.max_seq_length)
+        tokens = data.step_tokens if data is not None else self.base.max_seq_length
         trainable = self.plan.budget.trainable
         chosen = memory.plan(self.base, self.adapters, shape, trainable, self.optim["name"], tokens, cap,
                              backends.resolve(self.base.backend))  # fmt: skip
@@ -361,14 +369,14 @@ class FFFModule(L.LightningModule):
         # Each process on its own device (the strategy has set it by now), before any weight loads.
         device = self.trainer.strategy.root_device
         cap = memory.resolve(self.base.max_memory_gib, device)
-        dm = self.trainer.datamodule
+        data = self.data_plan()
         if stage == "fit" and cap is not None and self.base.plan_memory:
-            self._plan_memory(cap, dm)
+            self._plan_memory(cap, data)
         memory.apply(cap, device)
-        self.val_names = list(getattr(dm, "val_names", []) or [])
-        if stage == "fit":
-            check_val_interval(self.trainer, len(getattr(dm, "train_batches", []) or []))
-        if self.val_reduction == "batches" and getattr(dm, "packing", False):
+        self.val_names = list(data.val_names) if data is not None else []
+        if stage == "fit" and data is not None:
+            check_val_interval(self.trainer, data.steps_per_epoch)
+        if self.val_reduction == "batches" and data is not None and data.packing:
             raise ConfigError("model.val_reduction", "'batches' weighs padded batches; it has no meaning with packing")
         if stage == "predict" and self.max_new_tokens >= self.base.max_seq_length:
             raise ConfigError(

@@ -8,6 +8,10 @@ and what every check that needs no weight concluded (layers, ranks, sizes, a sav
 :class:`~fff_lightning.module.FFFModule` (which then neither resolves nor checks again), to the budget guard and to
 the loader; ``budget``, ``sweep`` and ``bench`` count through the same functions. A module built from Python plans
 itself, once, on first use.
+
+The data's facts are the data module's :class:`~fff_lightning.data.plan.DataPlan` (the config's bound before any
+data is read, the prepared data's validation sets, steps and largest step after): the module, the memory planner and
+``budget --memory`` read that, not the data module's attributes.
 """
 
 from __future__ import annotations

@@ -173,18 +173,22 @@ def test_a_capped_fit_runs_the_plan_it_prints(monkeypatch, capsys):
         def lengths(self):
             return lengths
 
-    dm = SimpleNamespace(train_batches=[[0, 1, 2], [3, 4]], train_set=Rows(), packing=False)
+    dm = described.datamodule  # as its setup leaves it: two batches of rows of these lengths
+    dm.prepared, dm.train_set, dm.train_batches, dm.val_names = ["ready"], Rows(), [[0, 1, 2], [3, 4]], ["d"]
+    data = dm.plan()
+    assert (data.largest_step_tokens, data.steps_per_epoch, data.val_names) == (3 * 2048, 2, ("d",))
+    assert data.worst_step_tokens == dm.batch_size * dm.opts.max_seq_length and not data.packing
     module._trainer = None
     monkeypatch.setattr(type(module), "trainer", property(lambda self: SimpleNamespace(is_global_zero=True)))
     monkeypatch.setattr("fff_lightning.backends.resolve", lambda name: "unsloth")
-    module._plan_memory(7.5, dm)
+    module._plan_memory(7.5, data)
     out = capsys.readouterr().out
     assert out.startswith("memory plan: 7.50 GiB -> first 31 of 32 layers checkpointed") and "6,144 tokens" in out
     assert (module.loaded_base.checkpoint_layers, module.loaded_base.recompute_fff) == (31, True)
     assert module.base == described.model.plan.base  # the run's config is not rewritten
     assert module.memory_plan.checkpointed == 31
     with pytest.raises(ConfigError, match="no memory plan fits 4.00 GiB"):
-        module._plan_memory(4.0, dm)
+        module._plan_memory(4.0, data)
 
 
 def test_other_backends_get_no_plan():

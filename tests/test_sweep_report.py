@@ -140,36 +140,76 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the run's process")
-def test_a_killed_sweep_takes_its_run_with_it(tmp_path):
-    import os
-    import signal
+def _start_sweep(tmp_path: Path, *extra: str, steps: int = 500) -> tuple[subprocess.Popen, int]:
+    """A sweep of one long run, its output to ``tmp_path/out.txt``; returns it and its run's process, once started."""
     import time
 
+    text = GRID.format(quick=ROOT / "configs" / "tiny.yaml")
+    text = text.replace("max_steps: 4", f"max_steps: {steps}\n    trainer.max_epochs: -1")
     grid = tmp_path / "grid.yaml"
-    grid.write_text(GRID.format(quick=ROOT / "configs" / "tiny.yaml").replace("max_steps: 4", "max_steps: 500"))
-    # Not --quiet: the run writes to the sweep's own output (here /dev/null), not to a pipe that would break with it.
-    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp_path)]
-    sweep_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    grid.write_text(text)
+    # Not --quiet: the run writes to the sweep's own output (a file), not to a pipe that would break with it.
+    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp_path), *extra]
+    with open(tmp_path / "out.txt", "w") as out:
+        sweep_proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     deadline, child = time.time() + 120, None
     while time.time() < deadline and child is None:
         kids = _children(sweep_proc.pid)
         child = kids[0] if kids else None
         time.sleep(0.2)
     assert child is not None, "the sweep started no run"
+    return sweep_proc, child
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the run's process")
+@pytest.mark.parametrize("start", ["forked", "fresh"])
+def test_a_killed_sweep_takes_its_run_with_it(tmp_path, start):
+    import os
+    import signal
+    import time
+
+    from fff_lightning.sweep import can_fork
+
+    if start == "forked" and not can_fork():
+        pytest.skip("runs start as forks on Linux without an NVIDIA device only")
+    sweep_proc, child = _start_sweep(tmp_path, *(["--fresh-processes"] if start == "fresh" else []))
     time.sleep(3)  # the run is under way (reading its config, its data or training)
     os.kill(sweep_proc.pid, signal.SIGKILL)
     sweep_proc.wait()
     deadline = time.time() + 60
-    while time.time() < deadline and Path(f"/proc/{child}").exists():
-        if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            break  # exited, waiting to be reaped by init
+    while time.time() < deadline and _alive(child):
         time.sleep(0.2)
-    alive = (
-        Path(f"/proc/{child}/stat").exists()
-        and Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    )
+    alive = _alive(child)
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive, "the run outlived its sweep"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the run's process")
+def test_ctrl_c_to_a_sweep_reaches_its_run_which_saves_and_the_sweep_stops_with_130(tmp_path):
+    """The run a sweep forked (the default on a CPU machine) takes a Ctrl-C as a run of its own does."""
+    import signal
+    import time
+
+    sweep_proc, child = _start_sweep(tmp_path, steps=100_000)
+    out = tmp_path / "out.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("grid/*/checkpoints/*.ckpt")):  # training is under way
+        time.sleep(0.2)
+    sweep_proc.send_signal(signal.SIGINT)
+    assert sweep_proc.wait(timeout=120) == 130
+    text = out.read_text()
+    assert "sweep interrupted by SIGINT during fit of a run" in text, text[-2000:]
+    assert "interrupted by SIGINT at step" in text and "--ckpt_path" in text, text[-2000:]  # the run's own lines
+    assert not _alive(child)
+    assert list(tmp_path.glob("grid/*/checkpoints/interrupted-step=*.ckpt"))

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fff_lightning.data.collate import LeftPadCollator, PackCollator, PadCollator
 from fff_lightning.data.formatting import LOSS_ON, SYSTEM_TURNS, TEXT_STYLES
+from fff_lightning.data.plan import DataPlan
 from fff_lightning.data.prepare import Prepared, TextOptions, prepare_source
 from fff_lightning.data.prompts import PromptRows, read_prompts
 from fff_lightning.data.sampling import (
@@ -332,6 +333,21 @@ class FFFDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         plan = chunks(len(self.predict_set), self.val_batch_size)
         return self._loader(self.predict_set, plan, collate=LeftPadCollator(self.tokenizer.pad_token_id))
+
+    def plan(self) -> DataPlan:
+        """The data as the run reads it (:class:`~fff_lightning.data.plan.DataPlan`): the config's bound before
+        :meth:`setup`, the prepared data's facts after it."""
+        worst = self.tokens_per_batch if self.packing else self.batch_size * self.opts.max_seq_length
+        if not self.prepared:
+            return DataPlan(self.packing, worst)
+        largest = None
+        if self.train_batches:
+            lengths = self.train_set.lengths()  # already truncated to max_seq_length
+            if self.packing:
+                largest = max(sum(lengths[i] for i in b) for b in self.train_batches)
+            else:
+                largest = max(len(b) * max(lengths[i] for i in b) for b in self.train_batches)
+        return DataPlan(self.packing, worst, True, tuple(self.val_names), len(self.train_batches), largest)
 
     def train_batches_per_epoch(self) -> int:
         """Optimizer steps (per process) in an epoch."""

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
@@ -106,9 +107,12 @@ def config_of(name_or_path: str):
     folder = converted_dir(file)
     if (folder / "fff_source.json").is_file():
         return AutoConfig.from_pretrained(folder)
-    arch = _readable(file)
     try:
-        return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+        with _read_once():  # the header read once, for the architecture and the config
+            arch = _readable(file)
+            return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    except ConfigError:
+        raise
     except Exception as e:  # transformers: "GGUF model with architecture X is not supported yet."
         raise ConfigError(
             FIELD, f"{file.name}: transformers cannot read a GGUF model of architecture {arch!r} ({_first(e)})"
@@ -292,7 +296,38 @@ def _readable(file: Path, meta: dict | None = None) -> str | None:
     return arch
 
 
+@contextmanager
+def _read_once():
+    """Within this block, a GGUF file is parsed once. transformers parses the whole file again for the config, the
+    tokenizer and the weights (six parses of about 4 s each for SmolLM2's 49k-token vocabulary on a small CPU) and
+    builds the tensor-name map again for each of its ~400 tensors; both are pure reads, so each is made once here
+    (``gguf.GGUFReader`` over a read-only memory map; ``gguf.get_tensor_name_map`` of its arguments alone)."""
+    import functools
+
+    import gguf
+
+    made: dict = {}
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def once(path, mode="r"):
+        key = (str(path), mode)
+        if key not in made:
+            made[key] = reader(path, mode)
+        return made[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = once, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _convert_into(file: Path, digest: str, folder: Path) -> None:
+    with _read_once():
+        _convert(file, digest, folder)
+
+
+def _convert(file: Path, digest: str, folder: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -42,19 +42,7 @@ def tokens():
     return torch.randint(3, 32000, (2, 12), generator=g)
 
 
-# The longest tests (pytest --durations), started first: xdist hands tests out in collection order, so these run
-# side by side from the start and the short ones fill in around them, instead of one of them starting last.
-LONGEST = ("test_seeds.py::test_a_seeds_sweep", "test_sweep_report.py::test_a_2x2_sweep", "test_real_model.py::",
-           "test_ddp.py::", "test_reliability.py::test_two_runs_started_together")  # fmt: skip
-
-
-def _first(item) -> int:
-    at = [i for i, name in enumerate(LONGEST) if name in item.nodeid]
-    return at[0] if at else len(LONGEST) + ("slow" not in item.keywords)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_first)  # stable: the same order otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

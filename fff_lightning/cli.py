@@ -82,6 +82,9 @@ def dispatch(argv: list[str]) -> None:
     if command is None:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    from fff_lightning import console
+
+    console.quiet()  # before the command's imports: bitsandbytes logs one of its messages at import
     if command.unsloth and not any(a in ("-h", "--help") for a in rest):
         from fff_lightning.backends import preimport_unsloth
 

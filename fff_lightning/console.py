@@ -29,8 +29,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def quiet() -> None:
+    """Drop the library messages that mean nothing to a user; before the libraries are imported (some log at
+    import), and again by :func:`setup` (idempotent)."""
+    # bitsandbytes on AVX512-BF16 CPUs, at import: an optional kernel hub it cannot reach; it falls back by itself.
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _Drop) for f in bnb.filters):
+        bnb.addFilter(_Drop("kernels-community"))
+
+
 def setup() -> None:
     """Call once, after Lightning is imported (and after Unsloth, which configures the root logger)."""
+    quiet()
     # Lightning's loggers propagate to the root logger when it has handlers (Unsloth adds one): every line then
     # printed twice, bare and as "[name|LEVEL]". Each keeps exactly its own handler.
     for name in ("lightning.pytorch", "lightning.fabric", "fff_lightning"):
@@ -43,8 +53,6 @@ def setup() -> None:
         log.propagate = False
     # Lightning's "💡 Tip: ... try installing litlogger/litmodels" adverts.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("💡 Tip"))
-    # bitsandbytes on AVX512-BF16 CPUs: an optional kernel hub it cannot reach; it falls back by itself.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("kernels-community"))
     # Lightning's own use of a torch API deprecated in torch 2.13: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Validation losses are logged after their sums were added up across processes: the advice does not apply.

@@ -107,16 +107,14 @@ def config_of(name_or_path: str):
     folder = converted_dir(file)
     if (folder / "fff_source.json").is_file():
         return AutoConfig.from_pretrained(folder)
-    try:
-        with _read_once():  # the header read once, for the architecture and the config
-            arch = _readable(file)
+    with _read_once():  # the header read once, for the architecture and the config
+        arch = _readable(file)
+        try:
             return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
-    except ConfigError:
-        raise
-    except Exception as e:  # transformers: "GGUF model with architecture X is not supported yet."
-        raise ConfigError(
-            FIELD, f"{file.name}: transformers cannot read a GGUF model of architecture {arch!r} ({_first(e)})"
-        ) from None
+        except Exception as e:  # transformers: "GGUF model with architecture X is not supported yet."
+            raise ConfigError(
+                FIELD, f"{file.name}: transformers cannot read a GGUF model of architecture {arch!r} ({_first(e)})"
+            ) from None
 
 
 # -- a GGUF file inside a PyPI wheel -----------------------------------------------------------------------------
@@ -304,8 +302,11 @@ def _read_once():
     (``gguf.GGUFReader`` over a read-only memory map; ``gguf.get_tensor_name_map`` of its arguments alone)."""
     import functools
 
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:  # gguf_metadata says what to install
+        yield
+        return
     made: dict = {}
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
 

@@ -433,43 +433,55 @@ def _start_forked(argv: list[str], out, err) -> int:
             os._exit(code)
 
 
-def _read_back(f) -> str | None:
-    if f is None:
-        return None
-    with f:
-        f.seek(0)
-        return f.read()
+class _Forked:
+    """A run started by :func:`_start_forked`, seen as ``subprocess.Popen`` is: ``poll``, ``send_signal``,
+    ``communicate``, ``returncode`` (its output, with ``quiet``, through temporary files rather than pipes)."""
+
+    def __init__(self, argv: list[str], quiet: bool):
+        import tempfile
+
+        self.files = [tempfile.TemporaryFile("w+") for _ in range(2)] if quiet else [None, None]
+        self.pid = _start_forked(argv, *self.files)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode  # reaped by communicate alone: until then the pid is the run's, even exited
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def communicate(self) -> tuple[str | None, str | None]:
+        self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return tuple(self._read(f) for f in self.files)
+
+    @staticmethod
+    def _read(f) -> str | None:
+        if f is None:
+            return None
+        with f:
+            f.seek(0)
+            return f.read()
 
 
 def _run_child(cmd: list[str], quiet: bool, fork: bool = False) -> subprocess.CompletedProcess:
     """One ``fit``/``validate`` of the sweep, a new process (``fork``: a fork of this one, :func:`_start_forked`).
     Ctrl-C or SIGTERM to the sweep reach the run (it saves and stops) and the sweep waits for it, then stops too."""
-    import tempfile
-
     if fork:
-        files = [tempfile.TemporaryFile("w+") for _ in range(2)] if quiet else [None, None]
-        pid, proc = _start_forked(cmd[3:], *files), None
+        proc = _Forked(cmd[3:], quiet)
     else:
         kw = dict(stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE if quiet else None, text=True)
         proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, **kw)
-        pid = proc.pid
     got: list[int] = []
-    waited: list[int] = []  # the fork's exit status, once reaped (a signal is never sent to a reaped pid)
 
     def forward(signum, frame):
         got.append(signum)
-        if (proc.poll() is None) if proc is not None else not waited:
-            os.kill(pid, signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if proc is not None:
-            out, err = proc.communicate()
-            code = proc.returncode
-        else:
-            waited.append(os.waitpid(pid, 0)[1])
-            code = os.waitstatus_to_exitcode(waited[0])
-            out, err = (_read_back(f) for f in files)
+        out, err = proc.communicate()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -482,7 +494,7 @@ def _run_child(cmd: list[str], quiet: bool, fork: bool = False) -> subprocess.Co
             + (f": {tail[0]}" if tail else "; the run's own line above says what it saved"),
             got[0],
         )
-    return subprocess.CompletedProcess(cmd, code, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _error_line(stderr: str) -> str:

@@ -28,6 +28,14 @@ torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _zygote():
+    """The tests' zygote (``helpers.run_cli``), started as each worker starts."""
+    from helpers import start_zygote
+
+    start_zygote()
+
+
 @pytest.fixture
 def tiny():
     """The tiny base model's config (float32, no quantisation, no checkpointing): fast on a CPU."""

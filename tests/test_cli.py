@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 ROOT = Path(__file__).parent.parent
 
 
 def run(*args, cwd=ROOT):
-    """The real command line, in a new process."""
-    return subprocess.run([sys.executable, "-m", "fff_lightning", *args], cwd=cwd, capture_output=True, text=True)
+    """The real command line, in a new process (a fork of the tests' zygote: ``helpers.cli``)."""
+    return run_cli(list(args), cwd=cwd)
 
 
 def run_here(*args, cwd=ROOT):

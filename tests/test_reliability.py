@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, QUICK, adapter_weights, losses, quick_args
+from helpers import QUICK, adapter_weights, losses, quick_args, run_cli, start_cli
 
 from fff_lightning.cli import main
 from fff_lightning.errors import ConfigError, Diverged
@@ -36,8 +35,7 @@ def fault(name, **kw):
 
 
 def subprocess_fit(logs, *extra, steps=8):
-    cmd = [sys.executable, "-m", "fff_lightning", *args(logs, *extra, steps=steps)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    return run_cli(args(logs, *extra, steps=steps))
 
 
 def run_dir(logs) -> Path:
@@ -134,7 +132,7 @@ def test_sigint_saves_a_checkpoint_and_the_adapters_and_the_resume_equals_an_uni
     run = run_dir(tmp_path)
     assert (run / "checkpoints" / "interrupted-step=3.ckpt").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    again = subprocess.run(resume_command(out.stderr), capture_output=True, text=True, env=ENV, timeout=600)
+    again = run_cli(resume_command(out.stderr)[3:])
     assert again.returncode == 143, again.stderr[-2000:]
     second = resume_command(again.stderr)
     ckpt_args = [a for a in second if a.startswith("--ckpt_path")]
@@ -231,11 +229,9 @@ def test_a_resume_with_other_adapters_or_data_is_refused_before_anything_loads(t
 
 @pytest.mark.slow
 def test_two_runs_started_together_never_share_a_folder(tmp_path):
-    cmd = [sys.executable, "-m", "fff_lightning", *args(tmp_path, steps=2)]
+    cmd = args(tmp_path, steps=2)
     named = [*cmd, "--run_name", "same"]
-    procs = [
-        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in (cmd, cmd, named, named)
-    ]
+    procs = [start_cli(c) for c in (cmd, cmd, named, named)]  # four processes at once
     outs = [p.communicate(timeout=600) for p in procs]
     codes = [p.returncode for p in procs]
     assert codes[:2] == [0, 0], outs[0][1][-1500:]

@@ -3,13 +3,12 @@
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import ENV, QUICK
+from helpers import QUICK, run_cli
 
 from fff_lightning import stats
 from fff_lightning.report import main as report_main
@@ -86,9 +85,7 @@ def _sweep(tmp_path: Path, steps: int = 4) -> tuple[Path, subprocess.CompletedPr
     }  # fmt: skip
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
-    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(path), "--logs_dir", str(tmp_path)]
-    cmd.append("--quiet")
-    return path, subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    return path, run_cli(["sweep", "--config", str(path), "--logs_dir", str(tmp_path), "--quiet"], timeout=900)
 
 
 @pytest.mark.slow
@@ -145,8 +142,7 @@ def a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp,
     sweep_main(["--config", grid.name, "--logs_dir", str(tmp), "--dry-run"])
     other = capsys.readouterr().out
     assert other.count("(finished: skipped)") == 6, other
-    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(tmp), "--quiet"]
-    again = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    again = run_cli(["sweep", "--config", str(grid), "--logs_dir", str(tmp), "--quiet"])
     assert "7 runs, 6 already finished, 1 to run" in again.stdout  # only the failed seed runs again (and fails)
 
     # Runs from before the per-sample file: copy two arms without it

@@ -2,7 +2,6 @@
 padding-free packing that changes no loss, the compiled FFF stack, the fused-MLP wiring, and the bench."""
 
 import json
-import subprocess
 import sys
 import types
 import warnings
@@ -11,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import run_cli
 
 from fff_lightning.data.collate import IGNORE, PackCollator, PadCollator
 from fff_lightning.data.datamodule import FFFDataModule
@@ -265,9 +265,9 @@ def test_deterministic_seed_leaves_cublas_alone_unless_asked(monkeypatch):
 @pytest.mark.slow
 def test_bench_smoke_runs_every_code_path_on_cpu(tmp_path):
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "fff_lightning", "bench", "--batch", "2", "--checkpointing", "on", "--steps", "3"]
+    cmd = ["bench", "--batch", "2", "--checkpointing", "on", "--steps", "3"]
     cmd += ["--cases", "a,c,d,e,f,e-mix-packed", "--out", str(out), "--json", str(raw)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    done = run_cli(cmd, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(raw.read_text())
     assert [r["case"] for r in results] == ["a", "c", "d", "e", "f", "e-mix-packed"]

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from fff_lightning.errors import ConfigError
 
@@ -27,8 +28,7 @@ sweep:
 
 
 def sweep(grid: Path, logs: Path):
-    cmd = [sys.executable, "-m", "fff_lightning", "sweep", "--config", str(grid), "--logs_dir", str(logs), "--quiet"]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=grid.parent, timeout=900)
+    return run_cli(["sweep", "--config", str(grid), "--logs_dir", str(logs), "--quiet"], cwd=grid.parent, timeout=900)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, quick_args, scalars
+from helpers import QUICK, quick_args, run_cli, scalars
 
 from fff_lightning.adapters import is_adapter
 from fff_lightning.lightning_cli import run_lightning
@@ -61,7 +61,7 @@ def test_fit_then_validate_end_to_end_through_the_real_cli(tmp_path):
         "--model.adapter_path",
         str(run / "adapter"),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    out = run_cli(cmd[3:], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     again = json.loads((run / "validation.json").read_text())
     for a, b in zip(rows, again, strict=True):
@@ -138,16 +138,15 @@ def test_off_budget_run_stops_before_training(tmp_path):
         "trainer:\n  callbacks:\n    - class_path: fff_lightning.callbacks.ParameterBudget\n"
         "      init_args: {target: 60000, tolerance: 0.01}\n"
     )
-    cmd = [sys.executable, "-m", "fff_lightning", *fit_args(tmp_path / "logs"), "--config", str(overlay)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    out = run_cli([*fit_args(tmp_path / "logs"), "--config", str(overlay)], cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "off budget: 57,600 trainable vs target 60,000 (-4.00%, tolerance 1.00%); not training" in out.stderr
     assert "Traceback" not in out.stderr
     assert not list((tmp_path / "logs" / "tiny").iterdir())  # nothing trained, no folder left behind
     # Within tolerance it trains.
     overlay.write_text(overlay.read_text().replace("tolerance: 0.01", "tolerance: 0.05"))
-    cli = run_lightning([*fit_args(tmp_path / "ok", steps=1), "--config", str(overlay)])
-    assert cli.trainer.global_step == 1
+    ok = run_lightning([*fit_args(tmp_path / "ok", steps=1), "--config", str(overlay)])
+    assert ok.trainer.global_step == 1
 
 
 def test_predict_answers_prompts_from_a_file(tmp_path, trained_run):
@@ -165,7 +164,7 @@ def test_predict_answers_prompts_from_a_file(tmp_path, trained_run):
 
 @pytest.mark.slow
 def test_help_needs_no_model(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "fff_lightning", "fit", "--help"], capture_output=True, text=True)
+    out = run_cli(["fit", "--help"])
     assert out.returncode == 0 and "--model.fff" in out.stdout and "--data.paths" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "fff_lightning"], capture_output=True, text=True)
+    out = run_cli([])
     assert out.returncode == 0 and "budget" in out.stdout and "validate" in out.stdout

@@ -2,14 +2,12 @@
 like one process with twice the batch, resume exactly, and write each file once."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ENV, adapter_weights, losses, quick_args
+from helpers import adapter_weights, losses, quick_args, run_cli
 from lightning.pytorch.strategies import DDPStrategy
 
 from fff_lightning.cli import main
@@ -28,8 +26,7 @@ def args(logs, *extra, batch=8, steps=6, command="fit"):
 
 
 def two_processes(logs, *extra, command="fit", **kw):
-    cmd = [sys.executable, "-m", "fff_lightning", *args(logs, *TWO, *extra, batch=4, command=command, **kw)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=logs)
+    return run_cli(args(logs, *TWO, *extra, batch=4, command=command, **kw), cwd=logs)
 
 
 def table(folder: Path) -> list[dict]:

@@ -31,7 +31,7 @@ def local_tasks() -> dict[str, dict]:
             "output_type": "generate_until",
             "doc_to_text": "Question: {{query}}\nAnswer:",
             "doc_to_target": "{{response.split('#### ')[-1]}}",
-            "generation_kwargs": {"until": ["Question:", "\n\n"], "do_sample": False, "max_gen_toks": 128},
+            "generation_kwargs": {"until": ["Question:"], "do_sample": False},  # and the EOS, lm-eval's own
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                              "regexes_to_ignore": [",", "\\$", "\\.$"]}],
             "filter_list": [{"name": "last-number", "filter": [
@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_fewshot", type=int)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt through the tokenizer's chat template (default: when the run's data uses one)")
     p.add_argument("--out_dir", help="where results.json and the per-item samples go (default: beside the adapter)")
     return p
 
@@ -89,7 +91,14 @@ def main(argv: list[str]) -> None:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise ConfigError("evaluate", "needs lm-evaluation-harness: pip install 'fff_lightning[eval]'") from None
+    import lm_eval.evaluator
+
+    from fff_lightning import __version__
     from fff_lightning.run_config import describe_run
+
+    # lm-eval records the git commit of the working directory, printing git's "fatal: not a git repository"
+    # outside one; what scored the run is this package's version.
+    lm_eval.evaluator.get_git_commit_hash = lambda: f"fff_lightning {__version__}"
 
     described = describe_run(*[_run_config(c) for c in args.config], overrides=overrides)
     module = described.model
@@ -100,11 +109,16 @@ def main(argv: list[str]) -> None:
     shipped = local_tasks()
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks = [shipped.get(n, n) for n in names]
+    gen = min(256, module.base.max_seq_length // 2)  # lm-eval needs room for the prompt within max_length
+    for t in tasks:
+        if isinstance(t, dict) and "generation_kwargs" in t:
+            t["generation_kwargs"]["max_gen_toks"] = gen
+    chat = args.chat if args.chat is not None else described.datamodule.opts.style == "chat_template"
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     lm = HFLM(pretrained=model, tokenizer=module.tokenizer, batch_size=args.batch_size,
               device=str(next(model.parameters()).device), max_length=module.base.max_seq_length)  # fmt: skip
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=args.num_fewshot,
-                                  log_samples=True, random_seed=args.seed, numpy_random_seed=args.seed,
+                                  log_samples=True, apply_chat_template=chat, random_seed=args.seed, numpy_random_seed=args.seed,
                                   torch_random_seed=args.seed, fewshot_random_seed=args.seed)  # fmt: skip
     out = Path(args.out_dir) if args.out_dir else Path(module.adapter_path).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +126,7 @@ def main(argv: list[str]) -> None:
     with open(out / "samples.jsonl", "w") as f:
         for task, items in res.get("samples", {}).items():
             for item in items:
-                f.write(json.dumps({"task": task, **{k: item[k] for k in ("doc_id", "target", "filtered_resps")},
+                f.write(json.dumps({"task": task, **{k: item[k] for k in ("doc_id", "target", "resps", "filtered_resps")},
                                     "metrics": {m: item.get(m) for m in item.get("metrics", [])}}, default=str) + "\n")
     for task, r in res["results"].items():
         metrics = {k: v for k, v in r.items() if "," in k and not k.split(",")[0].endswith("_stderr")}

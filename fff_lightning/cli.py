@@ -47,6 +47,11 @@ COMMANDS: dict[str, Command] = {
         "fff_lightning.sweep",
         "a grid of runs (fit + validate each), with budget-matched LoRA baselines:  sweep --config <grid.yaml>",
     ),
+    "evaluate": Command(
+        "fff_lightning.evaluate",
+        "task scores through lm-eval:  evaluate --config <run.yaml> --model.adapter_path <dir> --tasks fff_math",
+        True,
+    ),
     "report": Command(
         "fff_lightning.report",
         "table, loss curves and bar graph of runs:  report <run folders...> --out <folder> [--reference research]",

@@ -159,6 +159,109 @@ def comparison(arms: dict[str, list[dict]]) -> dict:
     return out
 
 
+def _task_metrics(arms: dict[str, list[dict]]) -> list[tuple[str, str, bool | None]]:
+    """``(task, metric, higher_is_better)`` of every task metric any run was evaluated on, in order."""
+    seen: dict[tuple[str, str], bool | None] = {}
+    for runs in arms.values():
+        for run in runs:
+            for task, doc in (run.get("tasks") or {}).items():
+                better = doc.get("higher_is_better") or {}
+                for metric in doc["metrics"]:
+                    seen.setdefault((task, metric), better.get(metric.split(",")[0]))
+    return [(t, m, b) for (t, m), b in seen.items()]
+
+
+def _task_arrays(pairs, task: str, metric: str):
+    """Per pair, ``(numerators, denominators)`` of each side over the items every run scored, or ``None``."""
+    runs = [r for p in pairs for r in p]
+    tables = [((r.get("tasks") or {}).get(task) or {}).get("items", {}).get(metric) for r in runs]
+    if any(not t for t in tables):
+        return None
+    ids = sorted(set.intersection(*(set(t) for t in tables)))
+    if not ids:
+        return None
+    side = [([t[i][0] for i in ids], [t[i][1] for i in ids]) for t in tables]
+    return side[0::2], side[1::2]
+
+
+def _task_value(run: dict, task: str, metric: str) -> float | None:
+    v = ((run.get("tasks") or {}).get(task) or {}).get("metrics", {}).get(metric)
+    return float(v) if isinstance(v, int | float) else None
+
+
+def task_comparison(arms: dict[str, list[dict]]) -> dict:
+    """Per task metric (``evaluate``'s results in each run's ``eval/``): each arm's mean over seeds with a t
+    interval; for two arms, the paired difference A - B over the same items and seed pairs (the bootstrap the
+    losses get) and the verdict, worded by the metric's direction (``A higher`` for accuracy, ``A lower`` for bits
+    per byte)."""
+    names = list(arms)
+    out: dict = {"metrics": [], "intervals": {}, "differences": {}, "notes": []}
+    for task, metric, better in _task_metrics(arms):
+        key = f"{task}: {metric}"
+        out["metrics"].append((key, better))
+        for name, runs in arms.items():
+            values = [v for v in (_task_value(r, task, metric) for r in runs) if v is not None]
+            out["intervals"][(name, key)] = stats.seed_interval(values) if values else None
+        if len(names) != 2:
+            continue
+        pairs, _ = _pairs(arms[names[0]], arms[names[1]])
+        arrays = _task_arrays(pairs, task, metric)
+        if arrays is None:
+            a, b = [_task_value(x, task, metric) for x, _ in pairs], [_task_value(y, task, metric) for _, y in pairs]
+            if not pairs or None in a or None in b:
+                out["notes"].append(f"{key}: not every run of both arms was evaluated on it (no difference)")
+                continue
+            d = stats.paired_difference(a, b)
+        else:
+            d = stats.paired_difference(*arrays)
+        v = stats.verdict(d, names[0], names[1])
+        if better:  # "A lower" of a score is "B higher"
+            v = {f"{names[0]} lower": f"{names[1]} higher", f"{names[1]} lower": f"{names[0]} higher"}.get(v, v)
+        out["differences"][key] = (d, v)
+    return out
+
+
+def write_task_comparison(out: Path, arms: dict[str, list[dict]], result: dict) -> list[Path]:
+    """``tasks.md`` and ``tasks.json``: the task metrics' intervals per arm, their differences and verdicts."""
+    names = list(arms)
+    md = ["| task: metric | " + " | ".join(f"{n} (n={len(arms[n])})" for n in names) + " |",
+          "|---|" + "---:|" * len(names)]  # fmt: skip
+    for key, better in result["metrics"]:
+        cells = [(i.text() if (i := result["intervals"][(n, key)]) else "") for n in names]
+        arrow = {True: " (higher is better)", False: " (lower is better)"}.get(better, "")
+        md.append(f"| {key}{arrow} | " + " | ".join(cells) + " |")
+    md += ["", "Mean over seeds [95% interval] (n = seeds) of each task metric (`evaluate`)."]
+    if result["differences"]:
+        a, b = names
+        md += ["", f"| task: metric | {a} - {b} | 95% interval | method | verdict |", "|---|---:|---|---|---|"]
+        for key, (d, v) in result["differences"].items():
+            md.append(f"| {key} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.method}, n={d.n} | {v} |")
+        md += ["", "The difference's interval is a bootstrap over the task's items and the seed pairs together, "
+               "widened to the t interval over the pairs where that is wider, as for the losses."]  # fmt: skip
+    md += result["notes"]
+    write_text(out / "tasks.md", "\n".join(md) + "\n")
+    data = {
+        "arms": [{"metric": k, "arm": n, "mean": i.mean, "low": i.low, "high": i.high, "n": i.n}
+                 for k, _ in result["metrics"] for n in names if (i := result["intervals"][(n, k)])],
+        "higher_is_better": dict(result["metrics"]),
+        "differences": {k: {"difference": d.mean, "low": d.low, "high": d.high, "n": d.n, "method": d.method,
+                            "verdict": v} for k, (d, v) in result["differences"].items()},
+        "notes": result["notes"],
+    }  # fmt: skip
+    write_text(out / "tasks.json", json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+    return [out / "tasks.md", out / "tasks.json"]
+
+
+def print_task_comparison(result: dict) -> None:
+    for key, _ in result["metrics"]:
+        parts = [f"{n} {i.text()}" for (n, k), i in result["intervals"].items() if k == key and i]
+        line = f"{key}: " + "; ".join(parts)
+        if key in result["differences"]:
+            d, v = result["differences"][key]
+            line += f" -> {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {v}"
+        print(line)
+
+
 def budget_notes(arms: dict[str, list[dict]]) -> dict[str, str]:
     """Each arm's trainable count, flagged where it is over :data:`OFF_BUDGET` above the smallest arm's."""
     counts = {n: next((r["trainable"] for r in runs if r.get("trainable")), None) for n, runs in arms.items()}

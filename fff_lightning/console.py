@@ -38,6 +38,13 @@ def quiet() -> None:
         bnb.addFilter(_Drop("kernels-community"))
 
 
+def quiet_lm_eval() -> None:
+    """lm-eval's warnings about a model handed over in memory, which ``evaluate`` does on purpose (one process)."""
+    hf = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _Drop) for f in hf.filters):
+        hf.addFilter(_Drop("model kwarg is not of type", "already-initialized model"))
+
+
 def setup() -> None:
     """Call once, after Lightning is imported (and after Unsloth, which configures the root logger)."""
     quiet()

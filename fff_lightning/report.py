@@ -72,6 +72,9 @@ def read_run(folder: Path) -> dict:
     run["group"] = entry.get("group") or (folder.name[: m.start()] if m else folder.name)
     run["trainable"] = entry.get("trainable") or _trainable(folder / "adapter")
     run["samples"] = read_samples(folder)
+    from fff_lightning.evaluate import read_task_results
+
+    run["tasks"] = read_task_results(folder)
     return run
 
 
@@ -346,8 +349,17 @@ def main(argv: list[str]) -> None:
         files.append(compare.plot_bars(out, result, reference, colours))
         if result["differences"]:
             files.append(compare.plot_difference(out, result))
+        if any(r["tasks"] for r in runs):
+            tasks = compare.task_comparison(arms)
+            compare.print_task_comparison(tasks)
+            files += compare.write_task_comparison(out, arms, tasks)
     else:
         colours = _colours([r["name"] for r in runs])
         files += plot_curves(out, runs, colours)
         files.append(plot_bars(out, runs, bool(reference), colours))
+        if any(r["tasks"] for r in runs):  # each run its own column
+            from fff_lightning import compare
+
+            single = {r["name"]: [r] for r in runs}
+            files += compare.write_task_comparison(out, single, compare.task_comparison(single))
     print(f"report of {len(runs)} runs written to {out}: " + ", ".join(f.name for f in files))

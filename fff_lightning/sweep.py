@@ -82,6 +82,14 @@ class Grid:
     seeds: list[int] | None = None
     seed_data: bool = False
     arms: dict[str, dict] | None = None
+    #: ``evaluate``'s options for every finished run (``tasks``, ``limit``, ``num_fewshot``, ``batch_size``,
+    #: ``chat``, ``max_gen_toks``, ``seed``); ``None``: no evaluation
+    evaluate: dict | None = None
+
+
+#: What a grid's ``evaluate:`` may set: ``evaluate``'s own options.
+EVALUATE_KEYS = {"tasks": (list, str), "limit": (int, float), "num_fewshot": int, "batch_size": int, "chat": bool,
+                 "max_gen_toks": int, "seed": int}  # fmt: skip
 
 
 @dataclass
@@ -156,9 +164,32 @@ def load_grid(path: str | Path) -> Grid:
     if grid.baselines is not None and grid.baselines not in BASELINES:
         raise ConfigError("sweep.baselines", f"unknown value {grid.baselines!r}; allowed: {', '.join(BASELINES)}")
     _check_seed_keys(grid)
+    grid.evaluate = _evaluate_spec(grid.evaluate)
     # Config paths are relative to the grid file, as `fit`'s budget targets are to theirs.
     grid.configs = [_config(c, path, "sweep.configs") for c in grid.configs]
     return grid
+
+
+def _evaluate_spec(spec) -> dict | None:
+    """A grid's ``evaluate:`` checked: a mapping of ``evaluate``'s options, ``tasks`` required (its task names are
+    checked when the first evaluation starts)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or "tasks" not in spec:
+        raise ConfigError(
+            "sweep.evaluate", "must map evaluate's options, tasks required: {tasks: [fff_math], limit: 50}"
+        )
+    for key, value in spec.items():
+        kind = EVALUATE_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"sweep.evaluate.{key}", f"unknown option; allowed: {', '.join(EVALUATE_KEYS)}")
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ConfigError(f"sweep.evaluate.{key}", f"wrong type: {value!r}")
+    tasks = spec["tasks"] if isinstance(spec["tasks"], list) else str(spec["tasks"]).split(",")
+    tasks = [str(t).strip() for t in tasks if str(t).strip()]
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ConfigError("sweep.evaluate.tasks", f"give distinct task names; got {spec['tasks']!r}")
+    return {**spec, "tasks": tasks}
 
 
 def _check_seed_keys(grid: Grid) -> None:
@@ -333,21 +364,49 @@ def lock_experiment(grid: Grid) -> int:
     return fd
 
 
-def _finished(grid: Grid, run: Run, status: dict) -> bool:
+def _trained(grid: Grid, run: Run, status: dict) -> bool:
+    """Whether the run trained (and validated) with its current settings: its table is there."""
     entry = status.get(run.name, {})
     table = Path(grid.logs_dir) / grid.experiment / run.name / "validation.json"
     same = entry.get("overrides") == run.overrides and entry.get("configs", run.configs or grid.configs) == (
         run.configs or grid.configs
     )
-    return entry.get("state") == "done" and same and table.is_file()
+    return (entry.get("state") == "done" or entry.get("trained") is True) and same and table.is_file()
+
+
+def _evaluated(grid: Grid, run: Run, status: dict) -> bool:
+    """Whether the run has the grid's evaluation, with the grid's current options."""
+    if grid.evaluate is None:
+        return True
+    folder = Path(grid.logs_dir) / grid.experiment / run.name / "eval"
+    entry = status.get(run.name, {})
+    return entry.get("evaluate") == grid.evaluate and all(
+        (folder / f"{t}.json").is_file() for t in grid.evaluate["tasks"]
+    )
+
+
+def _finished(grid: Grid, run: Run, status: dict) -> bool:
+    return _trained(grid, run, status) and _evaluated(grid, run, status)
 
 
 def _command(grid: Grid, run: Run, subcommand: str) -> list[str]:
     cmd = [sys.executable, "-m", "fff_lightning", subcommand]
     cmd += [a for c in (run.configs or grid.configs) for a in ("--config", c)] + run.overrides
     cmd += [f"--experiment={grid.experiment}", f"--logs_dir={grid.logs_dir}", f"--run_name={run.name}"]
+    folder = Path(grid.logs_dir) / grid.experiment / run.name
+    if subcommand == "evaluate":  # the run as it was saved: its own config.yaml and adapters
+        cmd = [sys.executable, "-m", "fff_lightning", "evaluate", "--config", str(folder / "config.yaml")]
+        cmd.append(f"--model.adapter_path={folder / 'adapter'}")
+        for key, value in (grid.evaluate or {}).items():
+            if key == "tasks":
+                value = ",".join(value)
+            if key == "chat":
+                cmd.append("--chat" if value else "--no-chat")
+            else:
+                cmd += [f"--{key}", str(value)]
+        return cmd
     if subcommand == "validate":
-        cmd.append(f"--model.adapter_path={Path(grid.logs_dir) / grid.experiment / run.name / 'adapter'}")
+        cmd.append(f"--model.adapter_path={folder / 'adapter'}")
     return cmd
 
 
@@ -382,14 +441,22 @@ def can_fork() -> bool:
     return sys.platform == "linux" and hasattr(os, "fork") and not os.path.exists("/dev/nvidiactl")
 
 
-def _preload() -> None:
+def _preload(evaluate: bool = False) -> None:
     """Import what every run imports (torch, Lightning, transformers, PEFT: about 8 s on a small CPU), once, in the
-    sweep's process, so that a forked run starts with them done. Nothing is run: no thread pool, no device."""
+    sweep's process, so that a forked run starts with them done (``evaluate``: and lm-eval). Nothing is run: no
+    thread pool, no device."""
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
     import fff_lightning.lightning_cli  # noqa: F401
     import fff_lightning.loading  # noqa: F401
+
+    if evaluate:
+        try:
+            import lm_eval.evaluator  # noqa: F401
+            import lm_eval.models.huggingface  # noqa: F401
+        except ImportError:  # the evaluation says what to install
+            pass
 
 
 def _start_forked(argv: list[str], out, err) -> int:
@@ -519,21 +586,27 @@ def run_grid(grid: Grid, runs: list[Run], quiet: bool = False, fork: bool = Fals
         t0 = time.perf_counter()
         entry = {"overrides": run.overrides, "baseline_of": run.baseline_of, "configs": run.configs or grid.configs}
         entry |= {"seed": run.seed, "group": run.group or run.name, "arm": run.arm, "trainable": run.trainable}
+        trained = _trained(grid, run, status)  # and not evaluated yet: only the evaluation runs
         if run.error:  # known before it starts: the run's adapters do not fit the model
             entry.update(state="failed", step="check", error=run.error)
-        elif busy := _set_aside(folder):
+        elif not trained and (busy := _set_aside(folder)):
             entry.update(state="failed", step="fit", error=busy)
         else:
-            steps = ["fit", "validate"] if grid.validate else ["fit"]
+            steps = [] if trained else ["fit", "validate"] if grid.validate else ["fit"]
+            steps += ["evaluate"] if grid.evaluate is not None else []
             if fork:
-                _preload()  # once: the imports are cached after the first run
+                _preload(evaluate=grid.evaluate is not None)  # once: the imports are cached after the first run
+            entry["trained"] = trained
             for sub in steps:
                 done = _run_child(_command(grid, run, sub), quiet, fork)
                 if done.returncode != 0:
                     entry.update(state="failed", step=sub, error=_error_line(done.stderr or ""))
                     break
+                entry["trained"] = entry["trained"] or sub != "evaluate"
             else:
                 entry["state"] = "done"
+                if grid.evaluate is not None:
+                    entry["evaluate"] = grid.evaluate
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         durations.append(entry["seconds"])
         status[run.name] = entry
@@ -576,6 +649,7 @@ def main(argv: list[str]) -> None:
         for r in runs:
             budget = f"{r.trainable:,} trainable" if r.error is None else f"will not run: {r.error}"
             done = "   (finished: skipped)" if _finished(grid, r, status) else ""
+            done = done or ("   (trained: evaluated only)" if _trained(grid, r, status) else "")
             print(f"{r.name}   {budget}{f'   (baseline of {r.baseline_of})' if r.baseline_of else ''}{done}")
         return
     status = run_grid(grid, runs, quiet=args.quiet, fork=can_fork() and not args.fresh_processes)

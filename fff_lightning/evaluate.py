@@ -61,7 +61,7 @@ def local_tasks() -> dict[str, dict]:
             "doc_to_text": "Question: {{query}}\nAnswer:",
             "doc_to_target": " {{response.split('#### ')[-1]}}",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-            "metadata": {"version": 1.0, "about": "whether the final answer is the greedy continuation of the question"},
+            "metadata": {"version": 1.0, "about": "whether the answer is the greedy continuation of the question"},
         },
         "fff_math_bpb": {  # how well the model predicts whole worked solutions: bits per byte, lower is better
             "task": "fff_math_bpb", **data,
@@ -125,8 +125,8 @@ def _task_list(text: str) -> list[str]:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
-                                                                                      "HF_DATASETS_OFFLINE"))  # fmt: skip
+    flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
 
 
 def check_tasks(names: list[str], shipped: dict) -> object | None:
@@ -299,6 +299,11 @@ def _model(module, adapters: bool):
         backend = backends.get(module.loaded_base.backend)
         backend.check_available()
         model, tokenizer = backend.load(module.loaded_base, compute_dtype(module.loaded_base))
+    # Generation reuses its keys and values: a run trained with gradient checkpointing turned the cache off
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = True
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model = model.to("cuda")
     return model.eval(), tokenizer
@@ -385,7 +390,7 @@ def main(argv: list[str]) -> None:
     about = {"adapter": str(Path(adapter).resolve()) if adapter else None,
              "base": _base_name(module.loaded_base), "limit": limit,
              "num_fewshot": args.num_fewshot, "chat": chat, "seed": args.seed, "batch_size": args.batch_size,
-             "max_gen_toks": gen, "max_length": max_len, "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+             "max_gen_toks": gen, "max_length": max_len, "lm_eval": getattr(lm_eval, "__version__", None),
              "fff_lightning": __version__, "seconds": round(seconds, 1),
              "higher_is_better": None}  # fmt: skip
     written = []

@@ -72,6 +72,17 @@ def test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers(ggu
     (answer,) = [json.loads(line) for line in (tmp_path / "p" / "predictions.jsonl").read_text().splitlines()]
     assert "Paris" in answer["answer"], answer
 
+    # evaluate: the shipped tasks on the run's model, through its chat template (the run's data uses it)
+    from fff_lightning.evaluate import main as evaluate
+    from fff_lightning.evaluate import read_task_results
+
+    evaluate(["--config", str(run / "config.yaml"), "--model.adapter_path", str(run / "adapter"), "--tasks",
+              "fff_math,fff_math_bpb", "--limit", "2", "--max_gen_toks", "24", "--batch_size", "2"])  # fmt: skip
+    got = read_task_results(run)
+    assert got["fff_math"]["chat"] is True and got["fff_math"]["base"] == str(gguf)
+    assert 0 < got["fff_math_bpb"]["metrics"]["bits_per_byte"] < 2  # a pretrained model (a random one: ~5)
+    assert len(got["fff_math"]["items"]["exact_match,last-number"]) == 2
+
 
 @pytest.mark.slow
 def test_the_tokenizer_of_a_gguf_file_has_the_files_special_tokens(gguf):

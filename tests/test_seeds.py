@@ -74,6 +74,7 @@ def _sweep(tmp_path: Path, steps: int = 4) -> tuple[Path, subprocess.CompletedPr
             "validate": False,  # fit's last validation writes the table and the per-sample file
             "set": {"trainer.max_steps": steps, "trainer.val_check_interval": steps, "trainer.logger": True},
             "seeds": [12, 13],
+            "evaluate": {"tasks": ["fff_math_bpb"], "limit": 10, "batch_size": 10},  # each finished run, on 10 items
             "arms": {
                 "trained": {},
                 # lr ~0 (the config refuses 0): the adapters stay at their initial draws; and seed 14 fails
@@ -120,6 +121,17 @@ def a_planted_difference_is_found_and_seeds_alone_are_not(tmp, out):
     assert "frozen (n=2)" in md and "| trainable parameters | 57,600 | 57,600 |" in md
     for png in ("final_val_loss.png", "train_loss.png", "val_loss.png", "difference.png"):
         assert (rep / png).stat().st_size > 10_000
+    # The task metric of evaluate: per arm over seeds, and paired over the same items and seeds
+    tasks = json.loads((rep / "tasks.json").read_text())
+    assert {(r["metric"], r["arm"], r["n"]) for r in tasks["arms"]} == {
+        ("fff_math_bpb: bits_per_byte", "trained", 2),
+        ("fff_math_bpb: bits_per_byte", "frozen", 2),
+    }
+    (d,) = tasks["differences"].values()
+    # 4 steps move bits per byte a little: lower in both pairs, too little to resolve over 2 seeds and 10 items
+    assert d["difference"] < 0 and "bootstrap over samples and seed pairs" in d["method"], d
+    assert d["verdict"] in ("trained lower", "no resolvable difference (95%)"), d
+    assert tasks["higher_is_better"] == {"fff_math_bpb: bits_per_byte": False}
 
     null = tmp / "null"
     report_main([str(p) for p in sorted(exp.iterdir())] + ["--out", str(null), "--compare", "trained=*trained-*",
@@ -134,19 +146,27 @@ def a_rerun_skips_finished_seeds_and_old_runs_get_intervals_over_seeds_only(tmp,
     from fff_lightning.sweep import main as sweep_main
 
     capsys.readouterr()
+    # A run whose evaluation is gone is evaluated again, not trained again
+    import shutil
+
+    (evaluated,) = [p for p in (tmp / "seeds").iterdir() if p.name.startswith("trained-") and p.name.endswith("=12")]
+    shutil.rmtree(evaluated / "eval")
+    adapter = (evaluated / "adapter" / "adapter_model.safetensors").read_bytes()
     sweep_main(["--config", str(grid), "--logs_dir", str(tmp), "--dry-run"])  # in this process: no start-up to pay
     listed = capsys.readouterr().out
-    assert listed.count("-seed=") == 7 and listed.count("(finished: skipped)") == 6
+    assert listed.count("-seed=") == 7 and listed.count("(finished: skipped)") == 5
+    assert listed.count("(trained: evaluated only)") == 1
     # the same grid by another path, from another folder: the same runs, still finished
     monkeypatch.chdir(grid.parent)
     sweep_main(["--config", grid.name, "--logs_dir", str(tmp), "--dry-run"])
     other = capsys.readouterr().out
-    assert other.count("(finished: skipped)") == 6, other
+    assert other.count("(finished: skipped)") == 5, other
     again = run_cli(["sweep", "--config", str(grid), "--logs_dir", str(tmp), "--quiet"])
-    assert "7 runs, 6 already finished, 1 to run" in again.stdout  # only the failed seed runs again (and fails)
+    assert "7 runs, 5 already finished, 2 to run" in again.stdout  # the failed seed again (it fails), the evaluation
+    assert (evaluated / "eval" / "fff_math_bpb.json").is_file()
+    assert (evaluated / "adapter" / "adapter_model.safetensors").read_bytes() == adapter  # not trained again
 
     # Runs from before the per-sample file: copy two arms without it
-    import shutil
 
     old = tmp_path / "old"
     for p in (tmp / "seeds").iterdir():
@@ -297,3 +317,24 @@ def test_per_sample_losses_are_the_same_in_slices_of_positions(trained_run, monk
         sliced = module.sample_losses(batch)
     assert torch.equal(whole[1], sliced[1]) and whole[1].tolist() == [39, 29]
     assert torch.allclose(whole[0], sliced[0], rtol=1e-6)
+
+
+def test_task_verdicts_follow_the_metrics_direction():
+    """An accuracy higher in one arm is "<arm> higher"; bits per byte lower is "<arm> lower"; paired over items."""
+    from fff_lightning import compare
+
+    def run(seed, acc, bpb):
+        items = {"acc": {str(i): [float(v), 1.0] for i, v in enumerate(acc)},
+                 "bits_per_byte": {str(i): [b * 100, 100.0] for i, b in enumerate(bpb)}}  # fmt: skip
+        metrics = {"acc": float(np.mean(acc)), "bits_per_byte": float(np.mean(bpb))}
+        task = {"metrics": metrics, "higher_is_better": {"acc": True, "bits_per_byte": False}, "items": items}
+        return {"seed": seed, "name": f"r{seed}", "tasks": {"t": task}}
+
+    rng = np.random.default_rng(0)
+    good = [run(s, rng.random(40) < 0.8, 1 + rng.random(40) * 0.1) for s in (1, 2, 3)]
+    bad = [run(s, rng.random(40) < 0.2, 2 + rng.random(40) * 0.1) for s in (1, 2, 3)]
+    result = compare.task_comparison({"good": good, "bad": bad})
+    verdicts = {k: v for k, (_, v) in result["differences"].items()}
+    assert verdicts == {"t: acc": "good higher", "t: bits_per_byte": "good lower"}
+    flipped = compare.task_comparison({"bad": bad, "good": good})
+    assert {k: v for k, (_, v) in flipped["differences"].items()} == verdicts

@@ -278,6 +278,16 @@ def read_task_results(run: Path) -> dict[str, dict]:
     return out
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse, before the model loads, a results folder that cannot be written; create nothing (an evaluation that
+    fails leaves no empty folder in the run)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError("--out_dir", f"cannot write results into {out} ({probe} is not a writable folder)")
+
+
 def _base_name(base) -> str:
     from fff_lightning import backends
 
@@ -347,9 +357,7 @@ def main(argv: list[str]) -> None:
             "--out_dir", "scoring the base model alone (no --model.adapter_path): say where its results go"
         )
     out = Path(args.out_dir) if args.out_dir else Path(adapter).resolve().parent / "eval"
-    from fff_lightning.runs import writable
-
-    writable(out, "--out_dir")
+    _check_writable(out)
     if tm is None:
         from lm_eval.tasks import TaskManager
 
@@ -379,13 +387,13 @@ def main(argv: list[str]) -> None:
                     max_length=max_len, max_gen_toks=gen)  # fmt: skip
     started = time.perf_counter()
     try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=args.num_fewshot,
-                                      log_samples=True, apply_chat_template=chat, task_manager=tm,
-                                      random_seed=args.seed, numpy_random_seed=args.seed,
-                                      torch_random_seed=args.seed, fewshot_random_seed=args.seed)  # fmt: skip
-    except ConnectionError as e:  # a task's dataset, neither cached nor reachable
-        raise ConfigError("--tasks", f"{e}: fetch it once where the Hugging Face hub can be reached (it is then "
-                          "read from the cache), or use the shipped tasks") from None  # fmt: skip
+        res = _score(lm_eval, lm, tasks, limit, args, chat, tm)
+    except KeyboardInterrupt:
+        import signal
+
+        from fff_lightning.errors import Interrupted
+
+        raise Interrupted(f"interrupted by SIGINT while evaluating: nothing written to {out}", signal.SIGINT) from None
     seconds = time.perf_counter() - started
     about = {"adapter": str(Path(adapter).resolve()) if adapter else None,
              "base": _base_name(module.loaded_base), "limit": limit,
@@ -399,6 +407,26 @@ def main(argv: list[str]) -> None:
         written.append(write_task(out, task, result, res.get("samples", {}).get(task, []), dict(about)))
     _print(res, lm, seconds)
     print(f"results written to {out} ({', '.join(p.name for p in written)}, with per-item .samples.jsonl)")
+
+
+def _score(lm_eval, lm, tasks: list, limit, args, chat: bool, tm) -> dict:
+    """lm-eval's ``simple_evaluate`` with evaluate's options; a dataset neither cached nor reachable is one line."""
+    seed = args.seed
+    try:
+        seeds = dict(random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            limit=limit,
+            num_fewshot=args.num_fewshot,
+            log_samples=True,
+            apply_chat_template=chat,
+            task_manager=tm,
+            **seeds,
+        )
+    except ConnectionError as e:  # a task's dataset, neither cached nor reachable
+        raise ConfigError("--tasks", f"{e}: fetch it once where the Hugging Face hub can be reached (it is then "
+                          "read from the cache), or use the shipped tasks") from None  # fmt: skip
 
 
 def _print(res: dict, lm, seconds: float) -> None:

@@ -17,9 +17,9 @@ def evaluate(*args: str) -> None:
 
 
 def tree(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (hidden ones too) with the sha256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    """Every file and folder under ``folder`` (hidden ones too), a file with the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_a_bad_task_or_an_interrupted_or_failed_evaluation_leaves_the_run_as_it_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", interrupted)
-    fails(*args, "--tasks", "fff_math_bpb")
+    assert fails(*args, "--tasks", "fff_math_bpb").startswith("interrupted by SIGINT while evaluating: nothing written")
     assert tree(run) == before
     # A disk that fills while the second task's results are written: the first task's files are whole, the
     # second's absent, no temporary file left
@@ -140,4 +140,4 @@ def test_a_bad_task_or_an_interrupted_or_failed_evaluation_leaves_the_run_as_it_
     after = tree(run)
     new = sorted(set(after) - set(before))
     assert {k: v for k, v in after.items() if k in before} == before
-    assert new == [f"eval/{calls[0]}.json", f"eval/{calls[0]}.samples.jsonl"], new
+    assert new == ["eval", f"eval/{calls[0]}.json", f"eval/{calls[0]}.samples.jsonl"], new

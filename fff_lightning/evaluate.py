@@ -136,9 +136,7 @@ def check_tasks(names: list[str], shipped: dict) -> object | None:
     others = [n for n in names if n not in shipped]
     if not others:
         return None
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager()
+    tm = _task_manager()
     for name in others:
         if name not in tm.all_tasks:
             import difflib
@@ -159,6 +157,19 @@ def check_tasks(names: list[str], shipped: dict) -> object | None:
                 f'load_dataset; {fetch}"{more}), or use the shipped tasks',
             )
     return tm
+
+
+_TASKS = None
+
+
+def _task_manager():
+    """lm-eval's index of its own tasks, made once per process (it reads ~15,000 task files: seconds)."""
+    global _TASKS
+    if _TASKS is None:
+        from lm_eval.tasks import TaskManager
+
+        _TASKS = TaskManager()
+    return _TASKS
 
 
 def _datasets_of(tm, name: str, depth: int = 0) -> list[tuple[str, str | None]]:

@@ -76,7 +76,10 @@ def local_tasks() -> dict[str, dict]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fff_lightning evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any option of `fit` for the model or the data overrides the config: "
+                                "--model.adapter_path <run>/adapter (the adapters to score), "
+                                "--model.base.name_or_path ..., --model.base.max_seq_length ...")  # fmt: skip
     p.add_argument("--config", "-c", action="append", help="run config(s), or a run's saved config.yaml")
     p.add_argument("--tasks", required=True, help="comma-separated task names: shipped (fff_math, fff_math_greedy, "
                    "fff_math_bpb) or lm-eval's (gsm8k, hellaswag, ...); 'list' shows the shipped ones")  # fmt: skip
@@ -344,6 +347,8 @@ def main(argv: list[str]) -> None:
         raise ConfigError("--limit", f"a whole number of items, or a fraction in (0, 1]; got {args.limit}")
     if args.batch_size < 1:
         raise ConfigError("--batch_size", f"must be at least 1; got {args.batch_size}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError("--num_fewshot", f"must be 0 or more; got {args.num_fewshot}")
     names = _task_list(args.tasks)
     try:
         import lm_eval
@@ -369,6 +374,11 @@ def main(argv: list[str]) -> None:
         )
     out = Path(args.out_dir) if args.out_dir else Path(adapter).resolve().parent / "eval"
     _check_writable(out)
+    max_len = module.base.max_seq_length
+    # lm-eval keeps the prompt's last max_length - gen tokens
+    gen = min(256, max_len // 2) if args.max_gen_toks is None else args.max_gen_toks
+    if not 0 < gen < max_len:
+        raise ConfigError("--max_gen_toks", f"must be at least 1 and below max_seq_length ({max_len}); got {gen}")
     if tm is None:
         from lm_eval.tasks import TaskManager
 
@@ -381,8 +391,6 @@ def main(argv: list[str]) -> None:
 
     console.quiet_lm_eval()
     model, tokenizer = _model(module, adapter is not None)
-    max_len = module.base.max_seq_length
-    gen = args.max_gen_toks or min(256, max_len // 2)  # lm-eval keeps the prompt's last max_length - gen tokens
     tasks = []
     for n in names:
         t = json.loads(json.dumps(shipped[n])) if n in shipped else n

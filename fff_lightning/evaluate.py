@@ -118,6 +118,15 @@ def _run_config(path: str, keep: list[str]) -> str:
     return tmp
 
 
+def check_installed() -> None:
+    """Refuse in one line when lm-evaluation-harness is not installed."""
+    try:
+        import lm_eval.evaluator  # noqa: F401
+        import lm_eval.models.huggingface  # noqa: F401
+    except ImportError:
+        raise ConfigError("evaluate", "needs lm-evaluation-harness: pip install 'fff_lightning[eval]'") from None
+
+
 def _task_list(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
@@ -350,12 +359,10 @@ def main(argv: list[str]) -> None:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ConfigError("--num_fewshot", f"must be 0 or more; got {args.num_fewshot}")
     names = _task_list(args.tasks)
-    try:
-        import lm_eval
-        import lm_eval.evaluator
-        import lm_eval.models.huggingface  # noqa: F401
-    except ImportError:
-        raise ConfigError("evaluate", "needs lm-evaluation-harness: pip install 'fff_lightning[eval]'") from None
+    check_installed()
+    import lm_eval
+    import lm_eval.evaluator
+
     from fff_lightning import __version__
     from fff_lightning.run_config import describe_run
 

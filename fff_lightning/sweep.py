@@ -189,6 +189,13 @@ def _evaluate_spec(spec) -> dict | None:
     tasks = [str(t).strip() for t in tasks if str(t).strip()]
     if not tasks or len(set(tasks)) != len(tasks):
         raise ConfigError("sweep.evaluate.tasks", f"give distinct task names; got {spec['tasks']!r}")
+    from fff_lightning import evaluate
+
+    try:  # before anything trains: lm-eval installed, the tasks known (and, offline, their datasets cached)
+        evaluate.check_installed()
+        evaluate.check_tasks(tasks, evaluate.local_tasks())
+    except ConfigError as e:
+        raise ConfigError("sweep.evaluate.tasks", e.message) from None
     return {**spec, "tasks": tasks}
 
 

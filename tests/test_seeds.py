@@ -199,6 +199,14 @@ def test_grids_name_shipped_configs_and_arms_may_bring_their_own(tmp_path):
         ({"experiment": "x", "configs": ["tiny"], "seeds": [True]}, "sweep.seeds"),
         ({"experiment": "x", "configs": ["tiny"], "arms": {"a b": {}}}, "sweep.arms"),
         ({"experiment": "x", "configs": ["tiny"], "arms": {"a": {"lr": 1}}}, "sweep.arms.a"),
+        (
+            {"experiment": "x", "configs": ["tiny"], "seeds": [1], "evaluate": {"tasks": ["fff_mth"]}},
+            "sweep.evaluate.tasks",
+        ),  # a misspelt task: before anything trains
+        (
+            {"experiment": "x", "configs": ["tiny"], "seeds": [1], "evaluate": {"tasks": "fff_math", "top_k": 1}},
+            "sweep.evaluate.top_k",
+        ),
     ):
         path.write_text(yaml.safe_dump({"sweep": bad}))
         with pytest.raises(ConfigError) as e:

@@ -189,6 +189,10 @@ def _task_value(run: dict, task: str, metric: str) -> float | None:
     return float(v) if isinstance(v, int | float) else None
 
 
+#: What must be the same for two evaluations of a task to be compared.
+_SETTINGS = ("limit", "num_fewshot", "chat", "seed", "max_gen_toks", "max_length")
+
+
 def task_comparison(arms: dict[str, list[dict]]) -> dict:
     """Per task metric (``evaluate``'s results in each run's ``eval/``): each arm's mean over seeds with a t
     interval; for two arms, the paired difference A - B over the same items and seed pairs (the bootstrap the
@@ -196,6 +200,13 @@ def task_comparison(arms: dict[str, list[dict]]) -> dict:
     per byte)."""
     names = list(arms)
     out: dict = {"metrics": [], "intervals": {}, "differences": {}, "notes": []}
+    for task in dict.fromkeys(t for t, _, _ in _task_metrics(arms)):
+        how = {tuple((k, str(doc.get(k))) for k in _SETTINGS) for runs in arms.values() for r in runs
+               if (doc := (r.get("tasks") or {}).get(task))}  # fmt: skip
+        if len(how) > 1:
+            differ = sorted({k for h in how for k, v in h if len({dict(x)[k] for x in how}) > 1})
+            out["notes"].append(f"{task}: the runs were evaluated with different {', '.join(differ)}: their scores "
+                                "are not of the same prompts or items")  # fmt: skip
     for task, metric, better in _task_metrics(arms):
         key = f"{task}: {metric}"
         out["metrics"].append((key, better))

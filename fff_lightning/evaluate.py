@@ -111,11 +111,25 @@ def _run_config(path: str, keep: list[str]) -> str:
         return path  # read and reported by the config parser
     if not isinstance(data, dict) or "ckpt_path" not in data:
         return path
+    kept = {k: v for k, v in data.items() if k in _READ}
+    if isinstance(kept.get("model"), dict):  # a run started from other adapters saved theirs: only --model.
+        kept["model"] = {k: v for k, v in kept["model"].items() if k != "adapter_path"}  # adapter_path scores
     fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="fff-eval-")
     with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({k: v for k, v in data.items() if k in _READ}, f)
+        yaml.safe_dump(kept, f)
     keep.append(tmp)
     return tmp
+
+
+def check_options(limit, batch_size, num_fewshot) -> None:
+    """The values lm-eval takes: a whole number of items (1 or more) or a fraction in (0, 1); a batch of 1 or
+    more; 0 or more few-shot examples."""
+    if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
+        raise ConfigError("--limit", f"a whole number of items (1 or more), or a fraction in (0, 1); got {limit}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("--batch_size", f"must be at least 1; got {batch_size}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError("--num_fewshot", f"must be 0 or more; got {num_fewshot}")
 
 
 def check_installed() -> None:
@@ -265,6 +279,7 @@ def write_task(out: Path, task: str, result: dict, items: list[dict], about: dic
         rec = {"doc_id": item.get("doc_id"), "filter": filt, "target": item.get("target"),
                "response": _first(item.get("filtered_resps")), "metrics": _pairable(item)}  # fmt: skip
         lines.append(json.dumps(rec, default=str, ensure_ascii=False))
+    (out / f"{task}.json").unlink(missing_ok=True)  # old results never sit beside new items
     write_text(out / f"{task}.samples.jsonl", "".join(line + "\n" for line in lines))
     doc = {"task": task, "metrics": _values(result), "stderr": _stderrs(result),
            "items": len({(i.get("doc_id")) for i in items}), **about}  # fmt: skip
@@ -352,12 +367,7 @@ def main(argv: list[str]) -> None:
         return
     if not args.config:
         raise ConfigError("--config", "give the run's config (its saved <run>/config.yaml, or the configs it ran)")
-    if args.limit is not None and (args.limit <= 0 or (args.limit > 1 and args.limit != int(args.limit))):
-        raise ConfigError("--limit", f"a whole number of items, or a fraction in (0, 1]; got {args.limit}")
-    if args.batch_size < 1:
-        raise ConfigError("--batch_size", f"must be at least 1; got {args.batch_size}")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ConfigError("--num_fewshot", f"must be 0 or more; got {args.num_fewshot}")
+    check_options(args.limit, args.batch_size, args.num_fewshot)
     names = _task_list(args.tasks)
     check_installed()
     import lm_eval
@@ -405,9 +415,11 @@ def main(argv: list[str]) -> None:
             t["generation_kwargs"]["max_gen_toks"] = gen
         tasks.append(t)
     chat = args.chat if args.chat is not None else described.datamodule.opts.style == "chat_template"
+    if chat and described.datamodule.opts.chat_template:  # the template the run's data was written with
+        tokenizer.chat_template = described.datamodule.opts.chat_template
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("--chat", "the tokenizer has no chat template: evaluate with --no-chat")
-    limit = int(args.limit) if args.limit is not None and args.limit > 1 else args.limit
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     device = str(next(model.parameters()).device)
     lm = _timed_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=device,
                     max_length=max_len, max_gen_toks=gen)  # fmt: skip

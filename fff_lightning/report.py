@@ -291,7 +291,8 @@ def pick_runs(paths: list[Path]) -> list[Path]:
             continue
         if p.parent not in failed_in_sweep:
             entries = sweep_entries(p.parent)
-            failed_in_sweep[p.parent] = {n for n, e in entries.items() if e.get("state") == "failed"}
+            failed_in_sweep[p.parent] = {n for n, e in entries.items()  # a failed evaluation: its training stands
+                                         if e.get("state") == "failed" and e.get("step") != "evaluate"}  # fmt: skip
         if p.name in failed_in_sweep[p.parent]:  # its table, if any, is not a result (diverged, or cut short)
             notes.append(f"{p.name} (failed in the sweep)")
             continue

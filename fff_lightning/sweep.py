@@ -191,7 +191,11 @@ def _evaluate_spec(spec) -> dict | None:
         raise ConfigError("sweep.evaluate.tasks", f"give distinct task names; got {spec['tasks']!r}")
     from fff_lightning import evaluate
 
-    try:  # before anything trains: lm-eval installed, the tasks known (and, offline, their datasets cached)
+    try:  # before anything trains: the values evaluate takes, lm-eval installed, the tasks known (offline: cached)
+        evaluate.check_options(spec.get("limit"), spec.get("batch_size", 8), spec.get("num_fewshot"))
+    except ConfigError as e:
+        raise ConfigError(f"sweep.evaluate.{e.field.lstrip('-')}", e.message) from None
+    try:
         evaluate.check_installed()
         evaluate.check_tasks(tasks, evaluate.local_tasks())
     except ConfigError as e:
@@ -604,12 +608,16 @@ def run_grid(grid: Grid, runs: list[Run], quiet: bool = False, fork: bool = Fals
             if fork:
                 _preload(evaluate=grid.evaluate is not None)  # once: the imports are cached after the first run
             entry["trained"] = trained
+            last = "validate" if grid.validate else "fit"
             for sub in steps:
+                if sub == "evaluate":  # trained and validated: recorded now, so an interrupted evaluation never
+                    status[run.name] = {**entry, "state": "trained"}  # has the run trained again
+                    _write_status(grid, status)
                 done = _run_child(_command(grid, run, sub), quiet, fork)
                 if done.returncode != 0:
                     entry.update(state="failed", step=sub, error=_error_line(done.stderr or ""))
                     break
-                entry["trained"] = entry["trained"] or sub != "evaluate"
+                entry["trained"] = entry["trained"] or sub == last
             else:
                 entry["state"] = "done"
                 if grid.evaluate is not None:

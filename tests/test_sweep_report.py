@@ -185,7 +185,7 @@ def test_a_killed_sweep_takes_its_run_with_it(tmp_path, start):
     time.sleep(3)  # the run is under way (reading its config, its data or training)
     os.kill(sweep_proc.pid, signal.SIGKILL)
     sweep_proc.wait()
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # it saves at its next step boundary (after a validation under way): slow when busy
     while time.time() < deadline and _alive(child):
         time.sleep(0.2)
     alive = _alive(child)

@@ -213,3 +213,52 @@ def test_ctrl_c_to_a_sweep_reaches_its_run_which_saves_and_the_sweep_stops_with_
     assert "interrupted by SIGINT at step" in text and "--ckpt_path" in text, text[-2000:]  # the run's own lines
     assert not _alive(child)
     assert list(tmp_path.glob("grid/*/checkpoints/interrupted-step=*.ckpt"))
+
+
+def test_a_run_counts_as_trained_once_validated_and_an_evaluation_never_retrains_it(tmp_path, monkeypatch):
+    """The sweep's bookkeeping, with the commands faked: a run whose validate failed is trained again; one whose
+    evaluation failed or was interrupted is only evaluated again."""
+    from fff_lightning import sweep
+    from fff_lightning.errors import Interrupted
+
+    grid = sweep.Grid(experiment="x", configs=["tiny"], grid={}, logs_dir=str(tmp_path),
+                      evaluate={"tasks": ["fff_math_bpb"]})  # fmt: skip
+    run = sweep.Run(name="r", overrides=[])
+    folder = tmp_path / "x" / "r"
+    calls, outcome = [], {"fit": 0, "validate": 1, "evaluate": 0}
+
+    def child(cmd, quiet, fork=False):
+        sub = cmd[3]
+        calls.append(sub)
+        if outcome[sub] == "interrupt":
+            raise Interrupted("interrupted by SIGINT", 2)
+        if sub == "fit":
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "validation.json").write_text("[]")  # fit's last validation writes the table
+        if sub == "evaluate" and outcome[sub] == 0:
+            (folder / "eval").mkdir(exist_ok=True)
+            (folder / "eval" / "fff_math_bpb.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, outcome[sub], "", "error: boom" if outcome[sub] else "")
+
+    monkeypatch.setattr(sweep, "_run_child", child)
+    monkeypatch.setattr(sweep, "_set_aside", lambda f: None)
+    state = lambda: json.loads((tmp_path / "x" / "sweep.json").read_text())["r"]  # noqa: E731
+
+    sweep.run_grid(grid, [run])  # validate fails: not trained
+    assert calls == ["fit", "validate"] and state()["state"] == "failed" and not state()["trained"]
+    calls.clear()
+    outcome.update(validate=0, evaluate=1)
+    sweep.run_grid(grid, [run])  # trained again; its evaluation fails
+    assert calls == ["fit", "validate", "evaluate"] and state()["step"] == "evaluate" and state()["trained"]
+    calls.clear()
+    outcome.update(evaluate="interrupt")
+    with pytest.raises(Interrupted):
+        sweep.run_grid(grid, [run])  # only evaluated; interrupted
+    assert calls == ["evaluate"] and state()["state"] == "trained"
+    calls.clear()
+    outcome.update(evaluate=0)
+    sweep.run_grid(grid, [run])
+    assert calls == ["evaluate"] and state()["state"] == "done"
+    calls.clear()
+    sweep.run_grid(grid, [run])
+    assert calls == []  # finished: skipped

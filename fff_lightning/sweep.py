@@ -188,7 +188,8 @@ def _evaluate_spec(spec) -> dict | None:
     tasks = spec["tasks"] if isinstance(spec["tasks"], list) else str(spec["tasks"]).split(",")
     tasks = [str(t).strip() for t in tasks if str(t).strip()]
     if not tasks or len(set(tasks)) != len(tasks):
-        raise ConfigError("sweep.evaluate.tasks", f"give distinct task names; got {spec['tasks']!r}")
+        what = "a task is named twice" if tasks else "give one or more task names, e.g. [fff_math, fff_math_bpb]"
+        raise ConfigError("sweep.evaluate.tasks", f"{what}; got {spec['tasks']!r}")
     from fff_lightning import evaluate
 
     try:  # before anything trains: the values evaluate takes, lm-eval installed, the tasks known (offline: cached)

@@ -243,10 +243,7 @@ def write_task_comparison(out: Path, arms: dict[str, list[dict]], result: dict) 
         md.append(f"| {key}{arrow} | " + " | ".join(cells) + " |")
     md += ["", "Mean over seeds [95% interval] (n = seeds) of each task metric (`evaluate`)."]
     if result["differences"]:
-        a, b = names
-        md += ["", f"| task: metric | {a} - {b} | 95% interval | method | verdict |", "|---|---:|---|---|---|"]
-        for key, (d, v) in result["differences"].items():
-            md.append(f"| {key} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.method}, n={d.n} | {v} |")
+        md += ["", *_difference_md("task: metric", names, result["differences"])]
         md += ["", "The difference's interval is a bootstrap over the task's items and the seed pairs together, "
                "widened to the t interval over the pairs where that is wider, as for the losses."]  # fmt: skip
     md += result["notes"]
@@ -255,8 +252,7 @@ def write_task_comparison(out: Path, arms: dict[str, list[dict]], result: dict) 
         "arms": [{"metric": k, "arm": n, "mean": i.mean, "low": i.low, "high": i.high, "n": i.n}
                  for k, _ in result["metrics"] for n in names if (i := result["intervals"][(n, k)])],
         "higher_is_better": dict(result["metrics"]),
-        "differences": {k: {"difference": d.mean, "low": d.low, "high": d.high, "n": d.n, "method": d.method,
-                            "verdict": v} for k, (d, v) in result["differences"].items()},
+        "differences": _difference_json(result["differences"]),
         "notes": result["notes"],
     }  # fmt: skip
     write_text(out / "tasks.json", json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
@@ -266,11 +262,7 @@ def write_task_comparison(out: Path, arms: dict[str, list[dict]], result: dict) 
 def print_task_comparison(result: dict) -> None:
     for key, _ in result["metrics"]:
         parts = [f"{n} {i.text()}" for (n, k), i in result["intervals"].items() if k == key and i]
-        line = f"{key}: " + "; ".join(parts)
-        if key in result["differences"]:
-            d, v = result["differences"][key]
-            line += f" -> {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {v}"
-        print(line)
+        print(_line(key, parts, result["differences"]))
 
 
 def budget_notes(arms: dict[str, list[dict]]) -> dict[str, str]:
@@ -302,10 +294,7 @@ def write_comparison(
     md.append("| trainable parameters | " + " | ".join([budgets[n] for n in names] + [""] * len(reference)) + " |")
     md += ["", "Mean validation loss over seeds [95% interval] (n = seeds); lower is better."]
     if result["differences"]:
-        a, b = names
-        md += ["", f"| dataset | {a} - {b} | 95% interval | method | verdict |", "|---|---:|---|---|---|"]
-        for ds, (d, v) in result["differences"].items():
-            md.append(f"| {ds} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.method}, n={d.n} | {v} |")
+        md += ["", *_difference_md("dataset", names, result["differences"])]
     md += ["", *result["notes"], "", INTERVAL_NOTE]
     if reference:
         md += ["", "The published figures are single runs (one seed each): they have no interval. " + reference_note]
@@ -316,14 +305,34 @@ def write_comparison(
         for n in names
         if (i := result["intervals"][(n, ds)])
     ]
-    diffs = {
-        ds: {"difference": d.mean, "low": d.low, "high": d.high, "n": d.n, "method": d.method, "verdict": v}
-        for ds, (d, v) in result["differences"].items()
-    }
+    diffs = _difference_json(result["differences"])
     runs = {n: [r["name"] for r in arms[n]] for n in names}
     data = {"arms": rows, "runs": runs, "budgets": budgets, "differences": diffs, "notes": result["notes"]}
     write_text(out / "comparison.json", json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     return [out / "comparison.md", out / "comparison.json"]
+
+
+def _difference_md(label: str, names: list[str], differences: dict) -> list[str]:
+    """The Markdown table of the paired differences A - B, one row per dataset or task metric."""
+    a, b = names
+    md = [f"| {label} | {a} - {b} | 95% interval | method | verdict |", "|---|---:|---|---|---|"]
+    for key, (d, v) in differences.items():
+        md.append(f"| {key} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.method}, n={d.n} | {v} |")
+    return md
+
+
+def _difference_json(differences: dict) -> dict:
+    return {k: {"difference": d.mean, "low": d.low, "high": d.high, "n": d.n, "method": d.method, "verdict": v}
+            for k, (d, v) in differences.items()}  # fmt: skip
+
+
+def _line(key: str, parts: list[str], differences: dict) -> str:
+    """One printed line: each arm's interval, and the difference with its verdict where there is one."""
+    line = f"{key}: " + "; ".join(parts)
+    if key in differences:
+        d, v = differences[key]
+        line += f" -> {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {v}"
+    return line
 
 
 def _finite(x):
@@ -340,11 +349,7 @@ def _finite(x):
 def print_comparison(result: dict) -> None:
     for ds in result["datasets"]:
         parts = [f"{n} {result['intervals'][(n, ds)].text()}" for n in result["arms"] if result["intervals"][(n, ds)]]
-        line = f"{ds}: " + "; ".join(parts)
-        if ds in result["differences"]:
-            d, v = result["differences"][ds]
-            line += f" -> {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]: {v}"
-        print(line)
+        print(_line(ds, parts, result["differences"]))
     for note in result["notes"]:
         print(note)
 

@@ -133,12 +133,12 @@ def check_options(limit, batch_size, num_fewshot) -> None:
 
 
 def check_installed() -> None:
-    """Refuse in one line when lm-evaluation-harness is not installed."""
-    try:
-        import lm_eval.evaluator  # noqa: F401
-        import lm_eval.models.huggingface  # noqa: F401
-    except ImportError:
-        raise ConfigError("evaluate", "needs lm-evaluation-harness: pip install 'fff_lightning[eval]'") from None
+    """Refuse in one line when lm-evaluation-harness is not installed (found, not imported: a sweep checks its grid
+    with this before anything runs)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("evaluate", "needs lm-evaluation-harness: pip install 'fff_lightning[eval]'")
 
 
 def _task_list(text: str) -> list[str]:
@@ -148,11 +148,6 @@ def _task_list(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError("--tasks", f"a task is named twice: {text}")
     return names
-
-
-def _hub_offline() -> bool:
-    flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(f in ("1", "true", "yes", "on") for f in flags)
 
 
 def check_tasks(names: list[str], shipped: dict) -> object | None:
@@ -170,7 +165,9 @@ def check_tasks(names: list[str], shipped: dict) -> object | None:
             close = difflib.get_close_matches(name, [*shipped, *tm.all_tasks], n=4, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; `lm_eval ls tasks` lists lm-eval's tasks"
             raise ConfigError("--tasks", f"no task {name!r} (shipped: {', '.join(shipped)}){hint}")
-    if _hub_offline():
+    from fff_lightning.files import offline
+
+    if offline() or offline("HF_DATASETS_OFFLINE"):
         missing = sorted({d for n in others for d in _datasets_of(tm, n) if not _cached(*d)})
         if missing:
             fetch = "; ".join(f"load_dataset({p!r}{f', {c!r}' if c else ''})" for p, c in missing[:3])
@@ -372,6 +369,7 @@ def main(argv: list[str]) -> None:
     check_installed()
     import lm_eval
     import lm_eval.evaluator
+    import lm_eval.models.huggingface  # noqa: F401
 
     from fff_lightning import __version__
     from fff_lightning.run_config import describe_run

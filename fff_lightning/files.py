@@ -162,6 +162,7 @@ class DiskFullError(OSError):
         self.path = path
 
 
-def offline() -> bool:
-    """Whether the network must not be used for models and data (``HF_HUB_OFFLINE``), read now, not at import."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def offline(variable: str = "HF_HUB_OFFLINE") -> bool:
+    """Whether the network must not be used for models and data (``HF_HUB_OFFLINE``; ``variable``: another of
+    Hugging Face's flags, e.g. ``HF_DATASETS_OFFLINE``), read now, not at import."""
+    return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")

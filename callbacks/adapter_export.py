@@ -24,8 +24,8 @@ class AdapterExport(L.Callback):
         self.every = every_n_steps
         self.last: Path | None = None
 
-    def _folder(self, trainer: L.Trainer, suffix: str = "") -> Path:
-        root = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
+    def _folder(self, trainer: L.Trainer, pl_module: L.LightningModule, suffix: str = "") -> Path:
+        root = Path(self.dirpath) if self.dirpath else run_folder(trainer, pl_module) / "adapter"
         return root.with_name(root.name + suffix)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
@@ -34,9 +34,15 @@ class AdapterExport(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every and trainer.global_step and trainer.global_step % self.every == 0:
-            self._export(trainer, pl_module, self._folder(trainer, f"-step{trainer.global_step}"))
+            self._export(trainer, pl_module, self._folder(trainer, pl_module, f"-step{trainer.global_step}"))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._export(trainer, pl_module, self._folder(trainer))
+        self._export(trainer, pl_module, self._folder(trainer, pl_module))
         if trainer.is_global_zero:
             print(f"adapters saved to {self.last}")
+
+
+def run_folder(trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    """The run's folder: the one its plan names (the CLI's run folder), else the Trainer's log directory."""
+    run_dir = getattr(getattr(pl_module, "plan", None), "run_dir", None)
+    return Path(run_dir or trainer.log_dir or trainer.default_root_dir)

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from .adapter_export import run_folder
 from fff_lightning.distributed import HostValue
 from fff_lightning.errors import Interrupted
 
@@ -145,7 +146,7 @@ class GracefulInterrupt(L.Callback):
             return
         signum = self.signum or signal.SIGTERM
         _log_this_step(trainer)
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = run_folder(trainer, pl_module)
         ckpt = folder / "checkpoints" / f"interrupted-step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(ckpt, weights_only=False)
         saved = [f"checkpoint {ckpt}"]

@@ -75,6 +75,7 @@ class FFFCLI(RunCLI):
             first_process=first,
             shared_name=os.environ.get(RUN_NAME_ENV),
         )
+        self.plan = self.plan.in_folder(self.folder.path)
         if self.subcommand == "fit":
             if first:
                 os.environ[RUN_NAME_ENV] = self.folder.name  # for the processes Lightning's launcher starts

@@ -159,7 +159,6 @@ class FFFModule(L.LightningModule):
         self.val_names: list[str] = []
         self._shape = None
         self._preflown = None  # the Trainer this run's checks were made for
-        self.memory_plan = None  # the memory plan setup chose (model.base.max_memory_gib), if any
         self._samples: dict = {}  # this validation's per-sample records, per dataset
         self.last_samples: list[dict] | None = None  # the last validation's, gathered (first process)
         self._pending = None  # (step, device flag): the last step's finiteness, read at the next step
@@ -218,28 +217,26 @@ class FFFModule(L.LightningModule):
         return dm.plan() if isinstance(dm, FFFDataModule) else None
 
     def _plan_memory(self, cap: float, data: DataPlan | None) -> None:
-        """Choose the memory plan for ``cap`` GiB from the largest step of the prepared data, before any weight
-        loads, and run with it (its checkpointing replaces the config's)."""
-        shape = self.base_shape()
+        """Bind the memory plan for ``cap`` GiB and the prepared data's largest step into the run's plan, before any
+        weight loads; the model loads with its checkpointing (:attr:`loaded_base`), the config stays as given."""
         tokens = data.step_tokens if data is not None else self.base.max_seq_length
-        trainable = self.plan.budget.trainable
-        chosen = memory.plan(self.base, self.adapters, shape, trainable, self.optim["name"], tokens, cap,
-                             backends.resolve(self.base.backend))  # fmt: skip
-        if chosen is None:
-            unplanned = [k.name for k in self.adapters.kinds() if not k.planned_in_memory]
-            why = (f"the planner does not model the {unplanned[0]} adapter" if unplanned
-                   else "the planner is calibrated for the unsloth backend only")  # fmt: skip
+        self._plan, why = self.plan.with_memory(cap, self.optim["name"], tokens)
+        if why is not None:
             log.warning("memory plan: %.2f GiB -> none (%s); checkpointing as configured", cap, why)
-            return
-        self.memory_plan = chosen  # the model loads with its checkpointing (loaded_base); the config stays as given
-        if self.trainer.is_global_zero:
+        elif self.trainer.is_global_zero:
+            chosen = self._plan.memory
             print(f"memory plan: {cap:.2f} GiB -> {chosen.describe()}, predicted peak {chosen.peak_gib:.2f} GiB "
                   f"(steps of up to {tokens:,} tokens)", flush=True)  # fmt: skip
 
     @property
+    def memory_plan(self):
+        """The memory plan the run loads with (``model.base.max_memory_gib``), if one was chosen."""
+        return self._plan.memory if self._plan is not None else None
+
+    @property
     def loaded_base(self) -> BaseModelConfig:
         """The base model as it loads: the config's, with the memory plan's checkpointing when one was chosen."""
-        return memory.planned_base(self.base, self.memory_plan) if self.memory_plan is not None else self.base
+        return self.plan.loaded_base
 
     def checkpoint_bytes(self) -> int:
         """About how large a checkpoint of this run is: the adapters and their optimizer states (the adapters are

@@ -9,6 +9,12 @@ and what every check that needs no weight concluded (layers, ranks, sizes, a sav
 the loader; ``budget``, ``sweep`` and ``bench`` count through the same functions. A module built from Python plans
 itself, once, on first use.
 
+Two facts exist only once ``fit`` has started, and are bound into the plan then, in one place
+(:meth:`FFFModule.setup <fff_lightning.module.FFFModule.setup>`): each process's own device (the memory cap it can
+give) and the prepared data's largest step; :meth:`RunPlan.with_memory` turns them into the memory plan, and the
+model loads with :attr:`RunPlan.loaded_base` (the config's checkpointing replaced by the plan's; the config is never
+rewritten). The CLI adds the run folder it opened (:meth:`RunPlan.in_folder`), where the callbacks write.
+
 The data's facts are the data module's :class:`~fff_lightning.data.plan.DataPlan` (the config's bound before any
 data is read, the prepared data's validation sets, steps and largest step after): the module, the memory planner and
 ``budget --memory`` read that, not the data module's attributes.
@@ -18,7 +24,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, Budget
 
@@ -36,6 +43,10 @@ class RunPlan:
         adapters: which adapters, with their configs.
         adapter_path: the saved adapter folder the run starts from, if any (already checked against ``shape``).
         budget: the adapters' parameter counts on ``shape``.
+        run_dir: the run folder the CLI opened for it (``None`` for a module built from Python).
+        memory: the memory plan for the run's cap (:mod:`fff_lightning.backends.memory_plan`), bound by
+            :meth:`with_memory` once the process's device and the prepared data's largest step are known; ``None``
+            without a cap, or where the planner has no model of the run.
     """
 
     base: BaseModelConfig
@@ -43,10 +54,39 @@ class RunPlan:
     adapters: AdapterSpec
     adapter_path: str | None
     budget: Budget
+    run_dir: Path | None = None
+    memory: object | None = None
 
     def checkpoint_bytes(self, optimizer_state_bytes: int) -> int:
         """About how large a checkpoint is: the adapters (fp32) and ``optimizer_state_bytes`` per parameter."""
         return self.budget.trainable * (4 + optimizer_state_bytes)
+
+    @property
+    def loaded_base(self) -> BaseModelConfig:
+        """The base model as it loads: the config's, with the memory plan's checkpointing when one was chosen (the
+        config itself is never rewritten)."""
+        from fff_lightning import memory
+
+        return self.base if self.memory is None else memory.planned_base(self.base, self.memory)
+
+    def in_folder(self, run_dir) -> RunPlan:
+        """This plan, run in ``run_dir``."""
+        return replace(self, run_dir=Path(run_dir))
+
+    def with_memory(self, cap_gib: float, optimizer: str, step_tokens: int) -> tuple[RunPlan, str | None]:
+        """This plan with the memory plan for a cap of ``cap_gib`` GiB and steps of up to ``step_tokens`` tokens
+        (no memory plan fits: one line, :class:`~fff_lightning.errors.ConfigError`), and why none was chosen where
+        the planner has no model of this run (``None`` when one was)."""
+        from fff_lightning import backends, memory
+
+        chosen = memory.plan(self.base, self.adapters, self.shape, self.budget.trainable, optimizer, step_tokens,
+                             cap_gib, backends.resolve(self.base.backend))  # fmt: skip
+        if chosen is not None:
+            return replace(self, memory=chosen), None
+        unplanned = [k.name for k in self.adapters.kinds() if not k.planned_in_memory]
+        why = (f"the planner does not model the {unplanned[0]} adapter" if unplanned
+               else "the planner is calibrated for the unsloth backend only")  # fmt: skip
+        return self, why
 
 
 def plan_run(base: BaseModelConfig, adapters: AdapterSpec, adapter_path: str | None = None) -> RunPlan:

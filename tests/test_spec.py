@@ -146,6 +146,8 @@ def test_a_fit_resolves_its_adapters_reads_its_shape_and_checks_once(tmp_path, m
     cli = lightning_cli.run_lightning(quick_args(tmp_path, "--trainer.limit_val_batches", "0", *guard, steps=1))
     assert cli.trainer.global_step == 1 and (tmp_path / "tiny").is_dir()
     assert calls == {"plan_run": 1, "check_size": 1, "shape": 1}, calls
+    assert cli.model.plan.run_dir == cli.folder.path  # the run folder is the plan's; the adapters were written there
+    assert (cli.folder.path / "adapter" / "fff_adapter_config.json").is_file()
     # and the adapter folder it wrote is read once when another run starts from it
     calls.clear()
     run = next((tmp_path / "tiny").iterdir())

@@ -11,9 +11,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .adapter_export import run_folder
 from fff_lightning.distributed import HostValue
 from fff_lightning.errors import Interrupted
+
+from .adapter_export import run_folder
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

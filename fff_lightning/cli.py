@@ -52,6 +52,18 @@ COMMANDS: dict[str, Command] = {
         "task scores through lm-eval:  evaluate --config <run.yaml> --model.adapter_path <dir> --tasks fff_math",
         True,
     ),
+    "export": Command(
+        "fff_lightning.export",
+        "a run as a folder to serve:   export <run> --out <folder> [--merged]",
+        True,
+    ),
+    "generate": Command(
+        "fff_lightning.generate",
+        "text from a run or a folder:  generate <run or folder> --prompt TEXT [--temperature 0.7 --stop ...]",
+        True,
+        True,
+    ),
+    "chat": Command("fff_lightning.generate", "talk to a run or a folder:   chat <run or folder>", True, True),
     "report": Command(
         "fff_lightning.report",
         "table, loss curves and bar graph of runs:  report <run folders...> --out <folder> [--reference research]",

@@ -23,14 +23,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
 
-#: The sections of a run's saved config.yaml that ``evaluate`` reads (the rest is ``fit``'s: trainer, ckpt_path...).
-_READ = ("model", "data", "experiment")
 _MATH = Path(__file__).parent / "data" / "samples" / "real" / "math" / "validation.jsonl"
 #: Per-item metrics ``report`` can pair between arms, as (numerator, denominator) of a ratio of sums: a mean of
 #: 0/1 scores, or bits per byte from lm-eval's (log-likelihood, bytes) pairs.
@@ -97,28 +94,6 @@ def parser() -> argparse.ArgumentParser:
                    "min(256, max_seq_length / 2))")  # fmt: skip
     p.add_argument("--out_dir", help="where the results go (default: <run>/eval, the adapter folder's run)")
     return p
-
-
-def _run_config(path: str, keep: list[str]) -> str:
-    """A run's saved config.yaml (it has ``ckpt_path``: ``fit`` wrote it) reduced to what evaluate reads, as a
-    temporary copy (listed in ``keep`` for removal); any other config as given."""
-    import yaml
-
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) if p.is_file() and p.stat().st_size < 1 << 20 else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return path  # read and reported by the config parser
-    if not isinstance(data, dict) or "ckpt_path" not in data:
-        return path
-    kept = {k: v for k, v in data.items() if k in _READ}
-    if isinstance(kept.get("model"), dict):  # a run started from other adapters saved theirs: only --model.
-        kept["model"] = {k: v for k, v in kept["model"].items() if k != "adapter_path"}  # adapter_path scores
-    fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="fff-eval-")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(kept, f)
-    keep.append(tmp)
-    return tmp
 
 
 def check_options(limit, batch_size, num_fewshot) -> None:
@@ -329,31 +304,6 @@ def _base_name(base) -> str:
     return backends.get(base.backend).model_name(base)
 
 
-def _model(module, adapters: bool):
-    """The run's model in memory (with its adapters), or the base model alone; in eval mode, on the GPU where
-    there is one (a model loaded in 4-bit is there already)."""
-    import torch
-
-    if adapters:
-        module.configure_model()
-        model, tokenizer = module.model, module.tokenizer
-    else:
-        from fff_lightning import backends
-        from fff_lightning.loading import compute_dtype
-
-        backend = backends.get(module.loaded_base.backend)
-        backend.check_available()
-        model, tokenizer = backend.load(module.loaded_base, compute_dtype(module.loaded_base))
-    # Generation reuses its keys and values: a run trained with gradient checkpointing turned the cache off
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = True
-    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
-        model = model.to("cuda")
-    return model.eval(), tokenizer
-
-
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
     shipped = local_tasks()
@@ -372,15 +322,10 @@ def main(argv: list[str]) -> None:
     import lm_eval.models.huggingface  # noqa: F401
 
     from fff_lightning import __version__
-    from fff_lightning.run_config import describe_run
+    from fff_lightning.inference import describe, model_of
 
     tm = check_tasks(names, shipped)
-    temporary: list[str] = []
-    try:
-        described = describe_run(*[_run_config(c, temporary) for c in args.config], overrides=overrides)
-    finally:
-        for t in temporary:
-            os.unlink(t)
+    described = describe(args.config, overrides)
     module = described.model
     adapter = module.adapter_path
     if adapter is None and not args.out_dir:
@@ -405,7 +350,7 @@ def main(argv: list[str]) -> None:
     from fff_lightning import console
 
     console.quiet_lm_eval()
-    model, tokenizer = _model(module, adapter is not None)
+    model, tokenizer = model_of(module, adapter is not None)
     tasks = []
     for n in names:
         t = json.loads(json.dumps(shipped[n])) if n in shipped else n

@@ -19,6 +19,7 @@ from fff_lightning.data.formatting import IGNORE
 from fff_lightning.data.plan import DataPlan
 from fff_lightning.distributed import HostValue, check_strategy
 from fff_lightning.errors import ConfigError, Diverged
+from fff_lightning.generation import Sampling
 from fff_lightning.loading import load_model
 from fff_lightning.plan import RunPlan, current, plan_run
 from fff_lightning.spec import AdapterSpec, BaseModelConfig, FFFConfig, LoRAConfig, choice
@@ -67,6 +68,8 @@ class FFFModule(L.LightningModule):
             research's table, which depends on ``data.val_batch_size``; not with packing).
         seed: seeds the adapters' initialisation.
         max_new_tokens: answer length for ``predict``.
+        sampling: how ``predict`` chooses tokens (:class:`~fff_lightning.generation.Sampling`): greedy by default;
+            ``temperature``, ``top_p``, ``top_k`` to sample (seeded by ``seed``), ``stop`` strings that end answers.
         on_nonfinite: what a step whose loss or gradient is NaN or infinite does: ``stop`` the run there (the
             default: the check costs no GPU sync, so it is read at the next step, before anything is saved) or
             ``skip`` the step (its update is dropped; a GPU sync per step; skips are counted and logged).
@@ -88,6 +91,7 @@ class FFFModule(L.LightningModule):
         val_reduction: str = "tokens",
         seed: int = 12,
         max_new_tokens: int = 128,
+        sampling: Sampling = Sampling(),  # noqa: B008  (frozen)
         on_nonfinite: str = "stop",
         **adapters,
     ):
@@ -127,6 +131,7 @@ class FFFModule(L.LightningModule):
         self.val_reduction = val_reduction
         self.seed = seed
         self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
         # The init arguments themselves (dataclasses as dicts), so LightningCLI can re-read them from a checkpoint.
         hparams = {
             "base": asdict(base),
@@ -144,6 +149,7 @@ class FFFModule(L.LightningModule):
             "val_reduction": val_reduction,
             "seed": seed,
             "max_new_tokens": max_new_tokens,
+            "sampling": asdict(sampling),
             "on_nonfinite": on_nonfinite,
         }
         # Given, not read from this frame: Lightning would look for a local variable per parameter of the
@@ -492,16 +498,21 @@ class FFFModule(L.LightningModule):
         for r in self.last_results:
             self.log(f"test/{r['dataset']}/loss", r["loss"], add_dataloader_idx=False)
 
+    def on_predict_start(self) -> None:
+        if not self.sampling.greedy:  # the same seed, the same answers
+            torch.manual_seed(self.seed + self.global_rank)
+
     def predict_step(self, batch: dict, batch_idx: int):
         out = self.model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             max_new_tokens=self.max_new_tokens,
-            do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            **self.sampling.generate_kwargs(self.tokenizer),
         )
         answers = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [{"prompt": p, "answer": a.strip()} for p, a in zip(batch["prompt"], answers, strict=True)]
+        return [{"prompt": p, "answer": self.sampling.cut(a).strip()} for p, a in zip(batch["prompt"], answers,
+                                                                                      strict=True)]  # fmt: skip
 
     # -- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -27,9 +27,10 @@ def gguf():
 
 
 @pytest.mark.slow
-def test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers(gguf, tmp_path):
+def test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers(gguf, tmp_path, capsys):
     """The quickstart's model and data, a few steps: the untrained model's held-out losses are a pretrained model's
-    (a random one scores ~10.9), training moves them, and predict writes answers."""
+    (a random one scores ~10.9), training moves them, predict writes answers, evaluate scores it, and it exports to a
+    folder that generates."""
     from fff_lightning import config_files
     from fff_lightning.lightning_cli import run_lightning
 
@@ -82,6 +83,16 @@ def test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers(ggu
     assert got["fff_math"]["chat"] is True and got["fff_math"]["base"] == str(gguf)
     assert 0 < got["fff_math_bpb"]["metrics"]["bits_per_byte"] < 2  # a pretrained model (a random one: ~5)
     assert len(got["fff_math"]["items"]["exact_match,last-number"]) == 2
+
+    # export in bf16 (merging rounds each weight once more: within 5% of the largest logit, the same next token at
+    # >= 90% of positions), then generate from the folder through the run's chat template
+    from fff_lightning.cli import main
+
+    out = tmp_path / "export"
+    main(["export", str(run), "--out", str(out), "--dtype", "bfloat16"])
+    assert (out / "chat_template.jinja").is_file() and (out / "modeling_fff.py").is_file()
+    main(["generate", str(out), "--prompt", "What is the capital of France?", "--max_new_tokens", "8"])
+    assert "Paris" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from fff_lightning.errors import ConfigError
 
-#: The model types whose MLP FFF and LoRA wrap (tested on CPU on tiny random models of each; see the README).
+#: The model types whose MLP FFF and LoRA wrap (tested on CPU on tiny random models of each; docs/guide.md).
 SUPPORTED = ("mistral", "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text")
 #: One Linear for the gate and up projections: FFF wraps the input of one of them, which a fused one does not have.
 FUSED_MLP = {"phi3": "gate_up_proj", "phi4_multimodal": "gate_up_proj"}

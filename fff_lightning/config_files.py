@@ -2,7 +2,8 @@
 
 ``--config quickstart`` (or ``step2``, ``overlays/packed``, with or without ``.yaml``) names a shipped config
 wherever the tool is installed; an existing file of that path is always read first. ``python -m fff_lightning
-configs`` lists them, ``configs --copy <folder>`` copies them out to edit.
+configs`` lists them, ``configs --copy <folder>`` copies them out to edit, ``configs --reference [FILE]`` prints
+(or writes) the reference of every option a run config takes (docs/config.md).
 """
 
 from __future__ import annotations
@@ -60,8 +61,29 @@ def resolve_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m fff_lightning configs", description=__doc__)
-    parser.add_argument("--copy", metavar="FOLDER", help="copy them into FOLDER (existing files are not overwritten)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--copy", metavar="FOLDER", help="copy them into FOLDER (existing files are not overwritten)")
+    what.add_argument(
+        "--reference",
+        metavar="FILE",
+        nargs="?",
+        const="-",
+        help="print the reference of every option a run config takes (Markdown), or write it to FILE "
+        "(the repository's docs/config.md is this)",
+    )
     args = parser.parse_args(argv)
+    if args.reference is not None:
+        from fff_lightning import config_reference
+
+        text = config_reference.reference()
+        if args.reference == "-":
+            sys.stdout.write(text)
+            return
+        from fff_lightning.files import write_text
+
+        write_text(args.reference, text)
+        print(f"wrote {args.reference}")
+        return
     if args.copy is None:
         print(f"shipped configs (in {folder()}); use them as --config <name>:")
         for n in names():

@@ -35,6 +35,45 @@ def launch_rank() -> int:
     return 0
 
 
+def configured_processes(trainer_cfg) -> int:
+    """How many processes the configured Trainer runs (devices per node times nodes), from the config alone, before
+    the Trainer exists: ``devices`` as a count, a list, a comma-separated string, ``-1`` or ``auto`` (every GPU where
+    the accelerator is one, else 1)."""
+    get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
+    devices, accelerator = get("devices", "auto"), str(get("accelerator", "auto") or "auto")
+    nodes = get("num_nodes", 1) or 1
+    if isinstance(devices, list | tuple):
+        n = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    elif devices in ("auto", -1, "-1", None):
+        import torch
+
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        n = torch.cuda.device_count() if gpu else 1
+    else:
+        try:
+            n = int(devices)
+        except (TypeError, ValueError):
+            return 1  # the Trainer refuses it
+    try:
+        return max(n, 1) * max(int(nodes), 1)
+    except (TypeError, ValueError):
+        return max(n, 1)
+
+
+def stray_rank(trainer_cfg) -> str | None:
+    """The rank variable of the environment a one-process run must not follow (``RANK=1`` left by a scheduler or a
+    launcher's shell): its name and value, or ``None`` where the environment says this is the first process or the
+    run has several."""
+    if launch_rank() == 0 or configured_processes(trainer_cfg) > 1:
+        return None
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "0") not in ("", "0"):
+            return f"{name}={os.environ[name]}"
+    return "the environment's rank"
+
+
 class HostValue:
     """A value computed on the device, read on the host later without draining the device's queue: on a GPU a
     non-blocking copy to pinned memory and an event, so :meth:`get` waits only for the work queued before the

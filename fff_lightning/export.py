@@ -158,11 +158,13 @@ def _overrides(run: Path, adapter: Path, dtype: str) -> list[str]:
     tiny random model stays tiny), no gradient checkpointing, no memory cap."""
     import yaml
 
+    from fff_lightning import backends
+
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     backend = (((cfg.get("model") or {}).get("base") or {}).get("backend")) or "auto"
     over = ["--model.adapter_path", str(adapter), "--model.base.load_in_4bit", "false",
             "--model.base.gradient_checkpointing", "false", "--model.base.max_memory_gib", "null",
-            "--model.base.backend", "tiny" if backend == "tiny" else "hf"]  # fmt: skip
+            "--model.base.backend", backends.dense(backend)]  # fmt: skip
     if dtype != "auto":
         over += ["--model.base.dtype", dtype]
     return over

@@ -166,3 +166,24 @@ def offline(variable: str = "HF_HUB_OFFLINE") -> bool:
     """Whether the network must not be used for models and data (``HF_HUB_OFFLINE``; ``variable``: another of
     Hugging Face's flags, e.g. ``HF_DATASETS_OFFLINE``), read now, not at import."""
     return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def open_lock_file(path: Path, field: str = "logs_dir") -> int:
+    """Open (creating it if need be) the lock file ``path`` for reading and writing, never through a link: a
+    symbolic link or anything but a regular file there is refused in one line, and nothing it points to is opened
+    (a lock file is truncated to write its holder's pid)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(field, f"{path} is a symbolic link: a lock file must be a plain file (remove the "
+                              "link)") from None  # fmt: skip
+        if e.errno == errno.EISDIR:
+            raise ConfigError(field, f"{path} is not a plain file: remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(field, f"{path} is not a plain file: remove it")
+    return fd

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -16,7 +17,7 @@ from fff_lightning import console, kinds, runs, table
 from fff_lightning.adapters import resolve_adapters
 from fff_lightning.callbacks import GracefulInterrupt
 from fff_lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from fff_lightning.distributed import RUN_NAME_ENV, check_strategy_name, launch_rank, processes
+from fff_lightning.distributed import RUN_NAME_ENV, check_strategy_name, launch_rank, processes, stray_rank
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.module import check_checkpoint_adapters
 from fff_lightning.plan import plan_run, planned
@@ -62,6 +63,14 @@ class FFFCLI(RunCLI):
                 f"{self.subcommand} needs trained adapters: give --model.adapter_path <run>/adapter or "
                 "--ckpt_path <checkpoint> (--allow_untrained true uses freshly initialised ones)",
             )
+        stray = stray_rank(cfg.trainer)
+        if stray:  # one process: it is the first, whatever a scheduler or a shell left in the environment
+            print(f"note: {stray} in the environment is ignored: this run has one process", file=sys.stderr)
+            for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "WORLD_SIZE"):
+                os.environ.pop(name, None)  # Lightning reads them too
+            from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+            rank_zero_only.rank = 0  # read from the environment when Lightning was imported
         first = launch_rank() == 0  # only the first process claims; the others learn its name from the launcher
         self.folder = runs.RunFolder.open(
             self.subcommand,

@@ -21,19 +21,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
+from fff_lightning.files import open_lock_file
 from fff_lightning.spec import AdapterSpec
 
 LOCK = ".lock"
 #: A name that becomes one folder: no separator, not "." or "..", no leading dot (hidden files are ours).
 _NAME = re.compile(r"[^/\\\x00-\x1f]{1,200}")
+#: The most bytes a name may take (file systems allow 255 per name; suffixes such as ``-validate`` or ``.failed-1``
+#: are added to it).
+NAME_BYTES = 200
 
 
 def check_name(field: str, name: str) -> str:
-    """Refuse a name that would not be exactly one folder inside its parent (``../x``, ``a/b``, ``.``)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith(".") or name.strip() != name:
+    """Refuse a name that would not be exactly one folder inside its parent (``../x``, ``a/b``, ``.``), or too long
+    for a file system (200 bytes in UTF-8: 100 CJK characters are 300)."""
+    ok = isinstance(name, str) and _NAME.fullmatch(name) and not name.startswith(".") and name.strip() == name
+    if not ok:
         raise ConfigError(
             field, f"{name!r} cannot be a folder name: use 1-200 characters without '/', '\\\\' or a leading '.'"
         )
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_BYTES:
+        raise ConfigError(field, f"{name[:40]!r}... is {size} bytes in UTF-8; a folder name can take at most "
+                          f"{NAME_BYTES} (file systems allow 255, and suffixes are added to it)")  # fmt: skip
     return name
 
 
@@ -56,7 +66,7 @@ def lock_folder(folder: Path) -> int | None:
     folder = Path(folder)
     if folder in _HELD:
         return _HELD[folder]
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(folder / LOCK)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -260,7 +270,7 @@ class RunFolder:
         if command == "fit":
             parent = Path(logs_dir) / experiment
             if not first_process:
-                name = shared_name or name
+                name = check_name("FFF_RUN_NAME", shared_name) if shared_name else name
             elif run_name is not None:
                 name = claim_named(parent, name, ckpt_path)
             else:

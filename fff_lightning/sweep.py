@@ -126,6 +126,9 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"sweep.{unknown[0]}", f"unknown field; allowed: {', '.join(Grid.__dataclass_fields__)}")
     if "experiment" not in spec:
         raise ConfigError("sweep.experiment", "is required")
+    from fff_lightning.runs import check_name
+
+    check_name("sweep.experiment", spec["experiment"])  # one folder under logs_dir: no ../, no a/b
     arms = spec.get("arms")
     if "configs" not in spec and not (
         isinstance(arms, dict) and arms and all(isinstance(a, dict) and a.get("configs") for a in arms.values())
@@ -296,8 +299,11 @@ def expand(grid: Grid) -> list[Run]:
                     runs.append(
                         _baseline(module, settings, shared + arm_set, name, trainable, seeded, seed, configs, prefix)
                     )
+    from fff_lightning.runs import check_name
+
     unique: dict[str, Run] = {}
     for r in runs:
+        check_name("sweep (a run name made of its arm and grid values)", r.name)  # one folder under the experiment
         if r.name in unique and not (r.baseline_of or unique[r.name].baseline_of):
             raise ConfigError("sweep.grid", f"two runs would share the name {r.name!r}: their adapters are the same")
         unique.setdefault(r.name, r)  # a baseline that several FFF runs share is run once
@@ -354,11 +360,12 @@ _LOCKS: list[int] = []
 
 def lock_experiment(grid: Grid) -> int:
     """Hold the experiment's sweep lock for the rest of this process; refuse a second sweep of it in one line."""
+    from fff_lightning.files import open_lock_file
     from fff_lightning.runs import writable
 
     folder = Path(grid.logs_dir) / grid.experiment
     writable(folder, "logs_dir")
-    fd = os.open(folder / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(folder / ".sweep.lock", "sweep")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -58,8 +58,10 @@ print(type(model).__name__, file=sys.stderr)
 
 
 @pytest.mark.slow
-def test_a_run_with_fff_exports_loads_without_the_package_with_equal_logits_and_generates(tmp_path, capsys):
-    run = trained(tmp_path / "logs")
+def test_a_run_with_fff_exports_loads_without_the_package_with_equal_logits_and_generates(tmp_path, capsys,
+                                                                                         trained_run):  # fmt: skip
+    """The FFF + LoRA run (LoRA merged; a merge of LoRA trained far from zero is checked by the LoRA-only test)."""
+    run = trained_run.run
     out = tmp_path / "export"
     main(["export", str(run), "--out", str(out)])
     printed = capsys.readouterr().out
@@ -87,7 +89,7 @@ def test_a_run_with_fff_exports_loads_without_the_package_with_equal_logits_and_
     # generate: the run (adapters unmerged) and its export (merged) give the same greedy text
     texts = []
     for source in (run, out):
-        main(["generate", str(source), "--prompt", "Question: what is 12 + 30?", "--max_new_tokens", "12"])
+        main(["generate", str(source), "--prompt", "Question: what is 12 + 30?", "--max_new_tokens", "8"])
         got = capsys.readouterr()
         assert "tokens/s]" in got.err
         texts.append(got.out)

@@ -137,6 +137,12 @@ def resolve(name: str) -> str:
     return "hf"
 
 
+def dense(name: str) -> str:
+    """The backend that loads a run's base model as plain transformers modules in 16 or 32 bits (``export`` merges
+    into them): the tiny random model stays tiny; every other, hf."""
+    return "tiny" if name == "tiny" else "hf"
+
+
 def get(name: str) -> Backend:
     """The backend called ``name`` (``auto`` resolved)."""
     name = resolve(name)

@@ -26,6 +26,7 @@ largest step the data config allows (batch_size x max_seq_length, or tokens_per_
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fff_lightning budget",
+        allow_abbrev=False,
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

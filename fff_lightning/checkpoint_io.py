@@ -40,6 +40,17 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError("ckpt_path", f"no such checkpoint: {path}")
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as e:
+        raise ConfigError("ckpt_path", f"cannot read {path} ({e.strerror})") from None
+    if not head.startswith(b"PK\x03\x04"):  # every checkpoint torch.save writes is a zip archive
+        raise ConfigError(
+            "ckpt_path",
+            f"{path} is not a checkpoint ({_first_bytes(head)}; a checkpoint is the archive torch.save writes, "
+            "such as <run>/checkpoints/last.ckpt)",
+        )
+    try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         text = str(e)
@@ -58,6 +69,20 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
     check_checkpoint(checkpoint, path)
     return checkpoint
+
+
+def _first_bytes(head: bytes) -> str:
+    """What a file that is not a checkpoint begins with, short: empty, text, or bytes."""
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut at the end of the 64 bytes is still text
+        text = head[: e.start].decode("utf-8") if e.start >= len(head) - 3 else ""
+    text = text.splitlines()[0] if text.strip() else ""
+    if text.isprintable() and text.strip():
+        return f"it is text: {text[:40]!r}"
+    return f"it begins with the bytes {head[:8].hex(' ')}"
 
 
 def _bad(path, what: str) -> ConfigError:

@@ -82,6 +82,9 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 
+#: The commands whose ``--config`` files are checked (size, YAML syntax, alias expansion) before the command runs.
+READS_CONFIGS = ("fit", "validate", "test", "predict", "budget", "sweep", "evaluate", "download")
+
 
 def usage() -> str:
     lines = [f"usage: {PROG} <command> [options]", "", "commands:"]
@@ -99,6 +102,10 @@ def dispatch(argv: list[str]) -> None:
     if command is None:
         print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    if name in READS_CONFIGS:
+        from fff_lightning import config_files
+
+        config_files.resolve_argv(rest)  # refuses a YAML bomb, a syntax error or an unknown name before any import
     from fff_lightning import console
 
     console.quiet()  # before the command's imports: bitsandbytes logs one of its messages at import

@@ -37,9 +37,13 @@ _NOISE = ("Does not validate against", "Problem with given class_path", "Given v
 
 def one_line(message: str) -> str:
     """jsonargparse's nested parse error as one line: the key, then the first line that says what is wrong
-    (``model.fff: Option 'widht' is not accepted``)."""
+    (``model.fff: Option 'widht' is not accepted``); a value of the wrong type as its key's full path, the type
+    expected and the value given (``model.fff.width: expected an int or a list of ints, got 'thirtytwo'``)."""
     import re
 
+    typed = wrong_type(message)
+    if typed:
+        return typed
     lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip(" -")]
     key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]) if lines else None
     if key:
@@ -47,6 +51,110 @@ def one_line(message: str) -> str:
     reason = next((ln for ln in lines if not ln.startswith(_NOISE)), lines[0] if lines else message)
     reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason)
     return f"{key.group(1)}: {reason}" if key else reason
+
+
+_EXPECTED = r"Expected an? (?P<type><class '[\w.]+'>|typing\.Literal\[.*\]|[\w.]+\[.*\])"
+_TYPE_LINES = (r"Does not validate against any of the Union subtypes", r"Errors:", r"Subtypes: \[(?P<subtypes>.*)\]",
+               rf"(- )?{_EXPECTED}(\. Got value: (?P<got>.*))?", r"Given value type: .*",
+               r"Given value: (?P<given>.*)")  # fmt: skip
+
+
+def wrong_type(message: str) -> str | None:
+    """``<key.path>: expected <types>, got <value>`` when jsonargparse's error says only that a value has the wrong
+    type (the innermost ``Parser key`` of a nested error holds nothing else), else None."""
+    import re
+
+    keys, inner, depth = [], [], -1
+    for line in message.splitlines():
+        indent = len(line) - len(line.lstrip())
+        key = re.match(r'\s*(?:- )?Parser key "([^"]+)":\s*(.*)$', line)
+        if key and indent > depth:  # a key nested in the previous one's explanation
+            keys.append(key.group(1))
+            inner, depth = [key.group(2)] if key.group(2) else [], indent
+        elif keys and indent > depth and line.strip():
+            inner.append(line.strip())
+        elif keys and line.strip() and inner:
+            break  # the innermost key's explanation ended
+    if not keys or not inner:
+        return None
+    found: dict[str, str] = {}
+    expected = []
+    for line in inner:
+        m = next((m for m in (re.fullmatch(p, line) for p in _TYPE_LINES) if m), None)
+        if m is None:
+            return None  # something else is wrong too: said as jsonargparse says it
+        found.update({k: v for k, v in m.groupdict().items() if v is not None and k != "type"})
+        if m.groupdict().get("type"):
+            expected.append(m.group("type"))
+    given = found.get("given", found.get("got"))
+    types = _split(found["subtypes"]) if "subtypes" in found else expected
+    if given is None or not types:
+        return None
+    return f"{'.'.join(keys)}: expected {_alternatives(types)}, got {_value(given)}"
+
+
+def _split(text: str) -> list[str]:
+    """A comma-separated list of types, split where no bracket is open."""
+    parts, level, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "[(":
+            level += 1
+        elif c in "])":
+            level -= 1
+        if c == "," and level == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()] if text.strip() else parts
+
+
+_NOUNS = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "NoneType": "null",
+          "list": "a list", "dict": "a mapping", "tuple": "a list"}  # fmt: skip
+
+
+def _alternatives(types: list[str]) -> str:
+    """``an int, a list of ints or null``; the values of Literal types together (``one of 16, 32, bf16-true``)."""
+    import re
+
+    words, literals = [], []
+    for t in types:
+        cls = re.fullmatch(r"<class '([\w.]+)'>|([\w.]+)", t)
+        lit = re.fullmatch(r"typing\.Literal\[(.*)\]", t)
+        seq = re.fullmatch(r"(?:list|tuple|collections\.abc\.Sequence|typing\.List)\[(.*)\]", t)
+        if lit:
+            literals += [v.strip("'\"") for v in _split(lit.group(1)) if v.strip("'\"") not in literals]
+            continue
+        if cls:
+            name = (cls.group(1) or cls.group(2)).rsplit(".", 1)[-1]
+            word = _NOUNS.get(name, f"a {name}")
+        elif seq:
+            inner = _alternatives(_split(seq.group(1)))
+            word = "a list of " + (inner.split(" ", 1)[1] + "s" if inner.startswith(("a ", "an ")) else inner)
+        elif t.startswith(("dict[", "typing.Dict[")):
+            word = "a mapping"
+        else:
+            word = t
+        if word not in words:
+            words.append(word)
+    if literals:
+        words.insert(0, f"one of {', '.join(literals)}")
+    if "a number" in words and "an int" in words:  # an int is a number
+        words.remove("an int")
+    if "null" in words:  # last: "an int or null"
+        words = [w for w in words if w != "null"] + ["null"]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _value(text: str) -> str:
+    """A given value as YAML writes it: numbers, lists and mappings bare, other text quoted."""
+    import re
+
+    text = text.strip()
+    spelled = {"True": "true", "False": "false", "None": "null"}.get(text)
+    if spelled:
+        return spelled
+    if re.fullmatch(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?", text) or text[:1] in "[{":
+        return text[:200]
+    return repr(text[:200])
 
 
 class Diverged(RuntimeError):

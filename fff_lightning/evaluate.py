@@ -72,7 +72,7 @@ def local_tasks() -> dict[str, dict]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fff_lightning evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fff_lightning evaluate", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any option of `fit` for the model or the data overrides the config: "
                                 "--model.adapter_path <run>/adapter (the adapters to score), "

@@ -41,7 +41,7 @@ EXPORTABLE = ("fff", "lora", "dora")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fff_lightning export", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fff_lightning export", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("run", help="the run folder (its config.yaml and adapter/)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist)")

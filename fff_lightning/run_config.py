@@ -35,7 +35,33 @@ def prompt_room(max_seq_length: int, max_new_tokens: int) -> int:
     return max_seq_length - max_new_tokens
 
 
+def _guard_yaml_loader() -> None:
+    """Every YAML value jsonargparse reads (a config file, a config nested in one as ``fff: fff.yaml``, an option's
+    value) is checked for alias expansion first (:func:`~fff_lightning.config_files.check_value`); ``--config``
+    files were checked before, naming the file."""
+    import yaml
+    from jsonargparse import get_loader, set_loader
+
+    load = get_loader("yaml")
+    if getattr(load, "checked", False):
+        return
+
+    def checked_load(text):
+        config_files.check_value(text)
+        return load(text)
+
+    checked_load.checked = True
+    set_loader("yaml", checked_load, exceptions=(yaml.YAMLError,))
+
+
+_guard_yaml_loader()
+
+
 class Parser(LightningArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --trainer.max_epoch is refused, not read as --trainer.max_epochs
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None):
         """One line and exit code 2 instead of the usage text and a nested explanation."""
         if not self.exit_on_error:
@@ -108,6 +134,8 @@ def resolve_config_paths(cfg) -> None:
         if isinstance(target, str) and not Path(target).is_absolute():
             found = next((d / target for d in dirs if (d / target).is_file()), None)
             args.target = str(found or config_files.path(target))
+        if isinstance(args.get("target") if args is not None else None, str):
+            config_files.check_yaml_file(args.target)  # before YAML reads it (size, syntax, alias expansion)
 
 
 class _Describe(RunCLI):

@@ -101,7 +101,10 @@ _JSON_OUT: list[str] = []
 # -- report ------------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fff_lightning bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fff_lightning bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("--model", help="a local model folder (4-bit loads quantise it); default: see --random-7b")
     p.add_argument(

@@ -213,7 +213,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--wheels", type=Path, help="folder with the four wheels (downloaded into it if missing)")
     parser.add_argument("--out", type=Path, default=REAL)
     parser.add_argument("--seed", type=int, default=12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
@@ -14,6 +15,42 @@ class _Drop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(f in str(record.msg) for f in self.fragments)
+
+
+#: The model summary's FLOPs total when nothing was counted (Lightning counts FLOPs only for a module with an
+#: ``example_input_array``; a language model has none): plain (``0  Total Flops``) and Rich (``Total FLOPs: 0``).
+_ZERO_FLOPS = re.compile(r"^\s*(0\s+Total Flops|Total FLOPs: 0)\s*$", re.IGNORECASE)
+_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _ZeroFlops(logging.Filter):
+    """Takes the ``0  Total Flops`` line out of Lightning's plain model summary (one log record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "Total Flops" in record.msg:
+            record.msg = "\n".join(ln for ln in record.msg.split("\n") if not _ZERO_FLOPS.match(ln))
+        return True
+
+
+def _rich_summary_without_zero_flops(summarize):
+    """Lightning's Rich model summary (printed to Rich's console, not logged) without its ``Total FLOPs: 0``."""
+
+    def without(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                total_flops=0, **kwargs):  # fmt: skip
+        args = (summary_data, total_parameters, trainable_parameters, model_size, total_training_modes)
+        if total_flops:
+            return summarize(*args, total_flops=total_flops, **kwargs)
+        from rich import get_console
+
+        console = get_console()
+        with console.capture() as captured:
+            summarize(*args, total_flops=total_flops, **kwargs)
+        lines = captured.get().splitlines(keepends=True)
+        console.file.write("".join(ln for ln in lines if not _ZERO_FLOPS.match(_STYLE.sub("", ln))))
+        console.file.flush()
+
+    without.fff_quiet = True
+    return without
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -35,7 +72,8 @@ def quiet() -> None:
     # bitsandbytes on AVX512-BF16 CPUs, at import: an optional kernel hub it cannot reach; it falls back by itself.
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _Drop) for f in bnb.filters):
-        bnb.addFilter(_Drop("kernels-community"))
+        bnb.addFilter(_Drop("kernels-community", "gemm_4bit_forward"))
+    warnings.filterwarnings("ignore", message=r".*gemm_4bit_forward")  # the same notice, where a release warns it
 
 
 def quiet_lm_eval() -> None:
@@ -68,6 +106,18 @@ def setup() -> None:
     # dataset's (by design; its sums are zeros, added up with the others').
     warnings.filterwarnings("ignore", message=r"Total length of `ResumableLoader` across ranks is zero, but local rank")
     warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric SumMetric was called before the")
+    # predict: the data module's batch sampler returns every prompt (its last batch too), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=r"You are using a custom batch sampler `PlannedBatchSampler` for predict")
+    # The model summary's "Total FLOPs: 0": nothing was counted (a language model has no example input).
+    summary = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+    if not any(isinstance(f, _ZeroFlops) for f in summary.filters):
+        summary.addFilter(_ZeroFlops())
+    try:
+        from lightning.pytorch.callbacks import RichModelSummary
+    except ImportError:  # pragma: no cover - another Lightning
+        return
+    if not getattr(RichModelSummary.summarize, "fff_quiet", False):
+        RichModelSummary.summarize = staticmethod(_rich_summary_without_zero_flops(RichModelSummary.summarize))
 
 
 class _LevelFormatter(logging.Formatter):

@@ -36,6 +36,7 @@ class Item:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fff_lightning download",
+        allow_abbrev=False,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -163,13 +164,22 @@ def check_offline(described) -> list[str]:
             problems.append(f"{repo} ({why}): no safetensors weights in {snap}")
         else:
             print(f"  {repo}: cached ({why})")
+    wanted: dict[str, list[str]] = {}  # a repository's splits, each once, in the config's order
     for _src, hub_id, splits in _hub_sources(described, notes):
+        wanted.setdefault(hub_id, [])
+        wanted[hub_id] += [s for s in splits if s not in wanted[hub_id]]
+    for hub_id, splits in wanted.items():
+        if hub.snapshot(hub_id) is None:  # the repository itself: one line for all its splits
+            problems.append(f"{hub_id} (split{'s' if len(splits) > 1 else ''} {', '.join(splits)}) is not in the hub "
+                            f"cache ({hub.cache()})")  # fmt: skip
+            continue
         for split in splits:
             try:
                 got = hub._cached(hub_id, split)
                 print(f"  {hub_id} split {split}: cached ({len(got.files)} files)")
             except ConfigError as e:
-                problems.append(str(e).removeprefix("data.sources: ").split("; fetch it")[0])
+                problem = str(e).removeprefix("data.sources: ").split("; fetch it")[0]
+                problems.append(problem if split in problem else f"{problem} (split {split})")
     for note in notes:
         print(note)
     return problems
@@ -228,7 +238,8 @@ def main(argv: list[str]) -> None:
         if problems:
             for line in problems:
                 print(f"  missing: {line}")
-            raise ConfigError("download", f"{len(problems)} thing(s) an offline run needs are not in the hub cache")
+            raise ConfigError("download", f"{len(problems)} of the repositories and splits an offline run needs "
+                              f"{'is' if len(problems) == 1 else 'are'} not in the hub cache")  # fmt: skip
         print("everything this run needs from the hub is in the cache")
         return
     try:

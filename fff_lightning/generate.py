@@ -24,7 +24,7 @@ from fff_lightning.generation import Sampling, StopAwareStreamer, check
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m fff_lightning {prog}", description=__doc__,
+    p = argparse.ArgumentParser(prog=f"python -m fff_lightning {prog}", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("source", help="a run folder, an exported folder, a PEFT adapter folder or a model folder")
     if prog == "generate":
@@ -255,7 +255,7 @@ def _folder(path: Path, dtype: str):
 
     config = json.loads((path / "config.json").read_text())
     remote = trusted_code(path, config)  # our own exported FFF code, checked byte for byte; never other code
-    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=remote, dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, str(path), trust_remote_code=remote, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return _ready(model), tokenizer, _style(path, tokenizer)
 
@@ -278,11 +278,25 @@ def _peft(path: Path, dtype: str):
 
     cfg = PeftConfig.from_pretrained(str(path))
     base = cfg.base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, base, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(path))
     tok_from = path if (path / "tokenizer_config.json").is_file() else base
     tokenizer = AutoTokenizer.from_pretrained(str(tok_from))
     return _ready(model), tokenizer, _style(path, tokenizer)
+
+
+def _from_pretrained(cls, path: str, **kwargs):
+    """``cls.from_pretrained``, weights in a pickle that holds more than tensors refused in one line."""
+    import pickle
+
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as e:
+        from fff_lightning.backends.hf import refused_pickle
+
+        raise refused_pickle(path, e) from None
+    except OSError as e:
+        raise ConfigError("source", f"cannot load {path} ({str(e).splitlines()[0][:160]})") from None
 
 
 def _ready(model):

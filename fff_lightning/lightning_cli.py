@@ -19,7 +19,7 @@ from fff_lightning.callbacks import GracefulInterrupt
 from fff_lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from fff_lightning.distributed import RUN_NAME_ENV, check_strategy_name, launch_rank, processes, stray_rank
 from fff_lightning.errors import ConfigError, Diverged
-from fff_lightning.module import check_checkpoint_adapters
+from fff_lightning.module import check_checkpoint_adapters, check_checkpoint_run
 from fff_lightning.plan import plan_run, planned
 from fff_lightning.run_config import RunCLI, resolve_config_paths
 from fff_lightning.spec import BaseModelConfig
@@ -56,7 +56,11 @@ class FFFCLI(RunCLI):
         self.plan = plan_run(BaseModelConfig(**(base.as_dict() if hasattr(base, "as_dict") else dict(base))),
                              adapters, cfg.model.adapter_path)  # fmt: skip
         if self.checkpoint is not None:  # before any folder is claimed
-            check_checkpoint_adapters(self.checkpoint, adapters, cfg.get("resume_changes") == "allow")
+            allow = cfg.get("resume_changes") == "allow"
+            check_checkpoint_adapters(self.checkpoint, adapters, allow)
+            note = check_checkpoint_run(self.checkpoint, self.plan, cfg.trainer, allow, self.subcommand == "fit")
+            if note:
+                print(f"note: resuming with changes (--resume_changes allow): {note}", file=sys.stderr)
         if self.subcommand != "fit" and not (cfg.model.adapter_path or cfg.get("ckpt_path") or cfg.allow_untrained):
             raise ConfigError(
                 "model.adapter_path",
@@ -88,9 +92,13 @@ class FFFCLI(RunCLI):
         if self.subcommand == "fit":
             if first:
                 os.environ[RUN_NAME_ENV] = self.folder.name  # for the processes Lightning's launcher starts
-            if cfg.trainer.logger in (None, True):
-                cfg.trainer.logger = self.folder.logger()
-            elif cfg.trainer.logger is False and cfg.trainer.get("default_root_dir") is None:
+            if cfg.trainer.logger is not False:
+                # The run folder's TensorBoard logger, then any logger of one's own (CSVLogger, MLFlowLogger,
+                # WandbLogger...) beside it: Lightning takes the first logger's folder for trainer.log_dir (where
+                # config.yaml is saved) and for ModelCheckpoint's default dirpath, so the checkpoints, config,
+                # adapters and table stay in <logs_dir>/<experiment>/<run>/ and the printed `validate` finds them.
+                cfg.trainer.logger = self.folder.logger(cfg.trainer.logger)
+            elif cfg.trainer.get("default_root_dir") is None:
                 # No logger: the run folder is the root, so its checkpoints, adapters and config still go
                 # there, not into the working directory where two such runs would overwrite each other.
                 cfg.trainer.default_root_dir = str(self.folder.path)
@@ -123,10 +131,10 @@ class FFFCLI(RunCLI):
                 state = self.checkpoint.get(type(self.datamodule).__qualname__, {})
                 self.datamodule.check_resume(state, processes(self.trainer))
                 self.checkpoint = None  # Lightning reads it again, memory-mapped: keep no second copy
-            self.model.preflight(self.trainer, "fit")
             if self.trainer.is_global_zero:  # before anything is logged: a full disk fails at its first write
-                need = self.model.checkpoint_bytes() + (64 << 20)
+                need = self.model.checkpoint_bytes() + (64 << 20)  # (in a TensorBoard writer's thread)
                 runs.check_space(self.folder.path, need, "a checkpoint")
+            self.model.preflight(self.trainer, "fit")  # the budget guard logs the budget
         except BaseException:
             for logger in self.trainer.loggers:  # close event files before the unused run folder goes
                 logger.finalize("failed")

@@ -280,6 +280,16 @@ class FFFModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_finite()  # a step that diverged is never saved
         checkpoint["fff_adapters"] = self.adapters.to_dict()
+        t = self.trainer
+        # What a resume must match before anything loads (check_checkpoint_run): the base model and the schedule
+        checkpoint["fff_run"] = {
+            "base": base_identity(self.plan),
+            "schedule": {
+                "max_steps": t.max_steps,
+                "max_epochs": t.max_epochs,
+                "accumulate_grad_batches": t.accumulate_grad_batches,
+            },  # fmt: skip
+        }
 
     def check_resume(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of other adapters (unless ``allow_resume_changes`` and every tensor still fits)."""
@@ -308,7 +318,15 @@ class FFFModule(L.LightningModule):
             loss, logged = self._global_token_mean(loss, batch["labels"])
         self._step_loss = logged
         self.log("train/loss", logged, prog_bar=True, batch_size=batch.get("num_samples", batch["input_ids"].shape[0]))
+        self._log_step(self.trainer.global_step + 1)  # the step this batch makes, as the text counts it
         return loss
+
+    def _log_step(self, step: int) -> None:
+        """Put the loggers' x value (Lightning's ``step`` metric) at ``step``, the optimizer steps taken once these
+        values are (Lightning alone logs a step's values at one less: "step 32" at 31), and keep Lightning's
+        ``epoch`` beside it. Made on the device by a fill (no copy from the host, no sync); read at log steps only."""
+        for name, value in (("step", step), ("epoch", self.current_epoch)):
+            self.log(name, torch.full((), float(value), device=self.device), add_dataloader_idx=False)
 
     def _global_token_mean(self, loss: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """With ``W`` processes, weigh each one's mean loss by its share of the step's scored tokens, so the
@@ -327,8 +345,14 @@ class FFFModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self._trainable if p.grad is not None]
         finite = torch.isfinite(self._step_loss)
+        # The learning rate of this update and the gradients' total L2 norm before any clipping, as device tensors:
+        # Lightning reads them only at its log steps (trainer.log_every_n_steps), so no step waits for the GPU.
+        lr = optimizer.param_groups[0]["lr"]
+        self.log("train/lr", torch.full((), float(lr), device=self.device))
         if grads:
-            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            norms = torch.stack(torch._foreach_norm(grads))
+            finite = finite & torch.isfinite(norms).all()
+            self.log("train/grad_norm", torch.linalg.vector_norm(norms.float()))
         step = self.trainer.global_step + 1  # the step this update makes, counted from 1
         if self.on_nonfinite == "skip":
             if not bool(finite):  # one sync: the update must not happen
@@ -489,6 +513,7 @@ class FFFModule(L.LightningModule):
             self.log(f"val/{r['dataset']}/ppl", r["ppl"], sync_dist=False, add_dataloader_idx=False)
         if results:
             self.log("val/loss", table.overall_loss(results), prog_bar=True, add_dataloader_idx=False)
+            self._log_step(self.trainer.global_step)  # the adapters after that many steps: the table's "step N"
         self.last_results = results
         self.last_results_step = self.trainer.global_step  # fit's table says when it was made
 
@@ -552,6 +577,62 @@ def check_checkpoint_adapters(checkpoint: dict, adapters: AdapterSpec, allow_cha
             f"the checkpoint holds other adapters ({saved.legend()}: {saved.to_dict()}) than this run's "
             f"({adapters.legend()}); give the run's own checkpoint, or --resume_changes allow if you mean it",
         )
+
+
+#: The base model's config fields a checkpoint records: another value of any is another model.
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+                 "num_attention_heads", "num_key_value_heads")  # fmt: skip
+
+
+def base_identity(plan: RunPlan) -> dict:
+    """The base model a run trains on, as its checkpoints record it: its name (hub id, folder or file) and shape."""
+    return {"name": backends.get(plan.base.backend).model_name(plan.base),
+            "shape": {k: getattr(plan.shape, k, None) for k in _SHAPE_FIELDS}}  # fmt: skip
+
+
+def check_checkpoint_run(checkpoint: dict, plan: RunPlan, trainer_cfg, allow_changes: bool = False,
+                         schedule: bool = True) -> str | None:  # fmt: skip
+    """Refuse, before anything loads or any folder is claimed, a checkpoint made on another base model (another
+    shape always; another name unless ``allow_changes``: a moved folder) or with another schedule length
+    (``trainer.max_steps``, ``max_epochs``, ``accumulate_grad_batches``: the learning rate would follow another
+    schedule than an uninterrupted run; rebuilt on the new total with ``allow_changes``). Returns a note for what
+    ``allow_changes`` let through, else ``None``. Checkpoints from before these were recorded are not checked."""
+    saved = checkpoint.get("fff_run")
+    if not isinstance(saved, dict):
+        return None
+    notes = []
+    ours = base_identity(plan)
+    base = saved.get("base") or {}
+    shape = {k: v for k, v in (base.get("shape") or {}).items() if ours["shape"].get(k) != v}
+    if shape:
+        k = next(iter(shape))
+        raise ConfigError("ckpt_path", f"the checkpoint was trained on another base model: its {k} is {shape[k]}, "
+                          f"this run's {ours['shape'][k]} ({base.get('name')} against {ours['name']})")  # fmt: skip
+    if base.get("name") not in (None, ours["name"]):
+        if not allow_changes:
+            raise ConfigError("ckpt_path", f"the checkpoint was trained on {base['name']}, this run's base model is "
+                              f"{ours['name']} (same shape): give the run's own base model, or --resume_changes "
+                              "allow if it is the same model moved")  # fmt: skip
+        notes.append(f"base model {base['name']} -> {ours['name']}")
+    sched = saved.get("schedule") if schedule else None
+    if not sched:
+        return "; ".join(notes) or None
+    get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
+    steps = get("max_steps", -1)
+    epochs = get("max_epochs", None)
+    if epochs is None:  # Lightning's rule: 1000 epochs when no step limit, else no epoch limit
+        epochs = 1000 if steps in (-1, None) and get("max_time", None) is None else -1
+    now = {"max_steps": steps, "max_epochs": epochs, "accumulate_grad_batches": get("accumulate_grad_batches", 1)}
+    for key, value in now.items():
+        then = sched.get(key, value)
+        if value != then:
+            if not allow_changes:
+                raise ConfigError(f"trainer.{key}", f"is {value}; the checkpoint's run had {then}: its "
+                                  "learning-rate schedule would be rebuilt on another total, unlike an uninterrupted "
+                                  f"run's. Resume with trainer.{key}: {then}, or give --resume_changes allow to "
+                                  "rebuild it")  # fmt: skip
+            notes.append(f"trainer.{key} {then} -> {value} (the learning-rate schedule is rebuilt on the new total)")
+    return "; ".join(notes) or None
 
 
 #: Bytes per trainable parameter for what training keeps besides the weights' own copy: the gradient, and the

@@ -61,7 +61,7 @@ def read_run(folder: Path) -> dict:
         rows = json.loads(table.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError("report", f"{table} is not valid JSON ({e.msg}, line {e.lineno})") from None
-    except (UnicodeDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:  # ValueError: an integer of > 4,300 digits
         raise ConfigError("report", f"{table} is not a validation table ({type(e).__name__})") from None
     from fff_lightning.table import read_samples
 
@@ -129,6 +129,10 @@ def check_rows(table: Path, rows) -> list[dict]:
         loss = r.get("loss")
         if isinstance(loss, bool) or not isinstance(loss, (int, float)):
             raise ConfigError("report", f"{table}: row {i + 1} ({r['dataset']}) has no numeric 'loss' ({loss!r})")
+        for key, value in r.items():  # every figure a table holds fits a float (the arithmetic is in floats)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                raise ConfigError("report", f"{table}: row {i + 1} ({r['dataset']}) has {key!r} = {str(value)[:20]}"
+                                  f"... ({len(str(abs(value)))} digits): not a figure a validation writes")  # fmt: skip
     return rows
 
 
@@ -306,7 +310,10 @@ def pick_runs(paths: list[Path]) -> list[Path]:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m fff_lightning report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fff_lightning report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("runs", nargs="*", help="run folders (each with validation.json and TensorBoard events)")
     p.add_argument("--out", required=True, help="folder for the tables and figures")

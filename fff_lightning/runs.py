@@ -56,6 +56,9 @@ def run_name_of(adapters: AdapterSpec | None, adapter_path: str | None = None) -
 
 #: Run folders this process created; a run that fails before using its folder gives it back (release_unused).
 CLAIMED: list[Path] = []
+#: Folders this process created for a command's output (``writable``), deepest first; a command that fails before
+#: using them removes those left empty (release_unused).
+CREATED: list[Path] = []
 #: Lock files this process holds (open for the life of the process: the lock goes when the process does).
 _HELD: dict[Path, int] = {}
 
@@ -168,6 +171,8 @@ def claim_named(parent: Path, name: str, resuming: str | None) -> str:
 def writable(folder: Path, field: str) -> None:
     """Refuse, before any work, a folder this process cannot create or write into."""
     folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    CREATED.extend(p for p in missing if p not in CREATED)  # before mkdir: one made before a failure goes too
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -196,12 +201,19 @@ def check_space(folder: Path, need: int, what: str) -> None:
 
 def release_unused() -> None:
     """Remove the run folders this process claimed and never used (no checkpoint, adapter or table in them): a run
-    that failed on its input leaves nothing behind that would shift the next run's name."""
+    that failed on its input leaves nothing behind that would shift the next run's name. Then the folders it created
+    on the way (``writable``: an experiment folder, an ``--out_dir``, their parents) that are left empty."""
     for folder in CLAIMED:
         if folder.is_dir() and not any((folder / n).exists() for n in ("checkpoints", "adapter", "validation.json")):
             unlock_folder(folder)
             shutil.rmtree(folder, ignore_errors=True)
     CLAIMED.clear()
+    for folder in sorted(CREATED, key=lambda p: len(p.absolute().parts), reverse=True):  # the deepest first
+        try:
+            folder.rmdir()  # only an empty one: another run's folder, or a file, keeps it
+        except OSError:
+            pass
+    CREATED.clear()
 
 
 def output_dir(
@@ -280,13 +292,33 @@ class RunFolder:
             writable(path, "out_dir")
         return cls(command, logs_dir, experiment, name, path)
 
-    def logger(self):
-        """The TensorBoard logger writing into this run's folder, as a LightningCLI config value."""
+    def logger(self, given=None):
+        """The run's loggers as a LightningCLI config value: the TensorBoard logger writing into this run's folder
+        and, after it, the loggers the command line or config gives (``given``: one, a list, or ``None``/``True``
+        for none), so that they log beside the run folder and never move it. A TensorBoard logger into
+        ``<logs_dir>/<experiment>/`` among them (a run's saved ``config.yaml``, given again) is a run folder's own:
+        this run's takes its place."""
         from jsonargparse import Namespace
 
-        return Namespace(
+        ours = Namespace(
             class_path="lightning.pytorch.loggers.TensorBoardLogger",
             init_args=Namespace(
                 save_dir=self.logs_dir, name=self.experiment, version=self.name, default_hp_metric=False
             ),
         )
+        if given is None or given is True:
+            return ours
+        theirs = [g for g in (given if isinstance(given, list) else [given]) if g not in (None, True, False)]
+        theirs = [g for g in theirs if not self._run_folder_logger(g)]
+        return [ours, *theirs] if theirs else ours
+
+    def _run_folder_logger(self, logger) -> bool:
+        """Whether ``logger`` (a config value) is a run folder's TensorBoard logger: one into this experiment."""
+        class_path = str(getattr(logger, "class_path", "") or "")
+        args = getattr(logger, "init_args", None)
+        if class_path.rsplit(".", 1)[-1] != "TensorBoardLogger" or args is None:
+            return False
+        save_dir, name = args.get("save_dir"), args.get("name")
+        if not isinstance(save_dir, str | os.PathLike) or not isinstance(name, str):
+            return False
+        return (Path(save_dir) / name).resolve() == (Path(self.logs_dir) / self.experiment).resolve()

@@ -113,6 +113,7 @@ def load_grid(path: str | Path) -> Grid:
     path = config_files.path(path)  # a file, or a shipped grid by name (step1_i)
     if not path.is_file():
         raise ConfigError("sweep", f"no such file: {path}")
+    config_files.check_yaml_file(path)  # size, syntax (file:line:col) and alias expansion, before it is read
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -651,7 +652,7 @@ def _fmt(seconds: float) -> str:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m fff_lightning sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fff_lightning sweep", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", "-c", required=True, help="the grid file")
     p.add_argument("--logs_dir", help="root folder of the runs (default: the grid's, else logs)")

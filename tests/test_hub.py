@@ -215,7 +215,7 @@ def test_download_lists_what_a_run_needs_and_fetches_only_what_is_missing(cache,
         main(args)
     # offline, --dry-run checks the cache alone: the shard removed above is named
     capsys.readouterr()
-    with pytest.raises(ConfigError, match="1 thing"):
+    with pytest.raises(ConfigError, match="1 of the repositories and splits an offline run needs is not"):
         main([*args, "--dry-run"])
     out = capsys.readouterr().out
     assert "missing: HuggingFaceH4/ultrachat_200k: no file of split 'test_sft'" in out

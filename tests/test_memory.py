@@ -56,4 +56,4 @@ def test_on_a_cpu_auto_is_no_cap_and_a_number_is_one_line_before_the_work(tmp_pa
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: model.base.max_memory_gib: caps GPU memory"), err
-    assert not [p for p in (tmp_path / "tiny").iterdir() if p.is_dir()]  # no run folder left
+    assert not (tmp_path / "tiny").exists()  # no run folder left, nor the experiment folder it made

@@ -142,7 +142,7 @@ def test_off_budget_run_stops_before_training(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "off budget: 57,600 trainable vs target 60,000 (-4.00%, tolerance 1.00%); not training" in out.stderr
     assert "Traceback" not in out.stderr
-    assert not list((tmp_path / "logs" / "tiny").iterdir())  # nothing trained, no folder left behind
+    assert not (tmp_path / "logs").exists()  # nothing trained, no folder left behind
     # Within tolerance it trains.
     overlay.write_text(overlay.read_text().replace("tolerance: 0.01", "tolerance: 0.05"))
     ok = run_lightning([*fit_args(tmp_path / "ok", steps=1), "--config", str(overlay)])

@@ -3,6 +3,8 @@ LoRA. The one place that builds the nf4 quantisation config."""
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 from torch import nn
 
@@ -50,6 +52,8 @@ def load_pretrained(path: str, load_in_4bit: bool, dtype: torch.dtype) -> nn.Mod
         kwargs["quantization_config"] = nf4_config(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met a Python object it will not build
+        raise refused_pickle(path, e) from None
     except OSError as e:  # no network, an unknown id, a gated repository, a folder without weights
         raise ConfigError(
             "model.base.name_or_path",
@@ -63,6 +67,20 @@ def load_pretrained(path: str, load_in_4bit: bool, dtype: torch.dtype) -> nn.Mod
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         disable_bnb_cpu_repack(model)
     return model
+
+
+def refused_pickle(path: str, e: Exception) -> ConfigError:
+    """The one line for weights in a pickle file that holds more than tensors: never loaded (it could run code)."""
+    import re
+
+    named = re.search(r"GLOBAL (\S+)", str(e))
+    what = f"it calls {named.group(1)}" if named else type(e).__name__
+    return ConfigError(
+        "model.base.name_or_path",
+        f"{path}: its weights file (a pickle, e.g. pytorch_model.bin) holds Python objects, not only tensors, and is "
+        f"not loaded: loading it could run its code ({what[:80]}). Give weights as safetensors "
+        "(converted where you trust the file)",
+    )
 
 
 class HF(Backend):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -460,6 +461,12 @@ def plot_curves(out: Path, arms: dict[str, list[dict]], colours: dict) -> list[P
             series = [dict(r["curves"].get(tag, [])) for r in runs]
             steps = sorted(set.intersection(*(set(s) for s in series))) if all(series) else []
             if not steps:
+                if all(series) and len(series) > 1:  # e.g. runs from before and after the steps moved by one
+                    print(
+                        f"note: {tag} of {name} is not drawn: its seeds' runs share no logged step (runs logged "
+                        "by different versions? before 2026-12-08 a step N was logged at N - 1)",
+                        file=sys.stderr,
+                    )
                 continue
             vals = np.array([[s[k] for k in steps] for s in series])  # (seeds, steps)
             label = f"{name} ({len(runs)} seeds)"

@@ -35,11 +35,20 @@ def launch_rank() -> int:
     return 0
 
 
+#: The variables launchers and schedulers set to a process's rank.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def config_getter(cfg):
+    """``get(key, default)`` of a config section: a jsonargparse Namespace, a dict or an object."""
+    return cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+
+
 def configured_processes(trainer_cfg) -> int:
     """How many processes the configured Trainer runs (devices per node times nodes), from the config alone, before
     the Trainer exists: ``devices`` as a count, a list, a comma-separated string, ``-1`` or ``auto`` (every GPU where
     the accelerator is one, else 1)."""
-    get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
+    get = config_getter(trainer_cfg)
     devices, accelerator = get("devices", "auto"), str(get("accelerator", "auto") or "auto")
     nodes = get("num_nodes", 1) or 1
     if isinstance(devices, list | tuple):
@@ -68,7 +77,7 @@ def stray_rank(trainer_cfg) -> str | None:
     run has several."""
     if launch_rank() == 0 or configured_processes(trainer_cfg) > 1:
         return None
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+    for name in RANK_VARIABLES:
         if os.environ.get(name, "0") not in ("", "0"):
             return f"{name}={os.environ[name]}"
     return "the environment's rank"

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
+from fff_lightning.inference import base_name
 
 _MATH = Path(__file__).parent / "data" / "samples" / "real" / "math" / "validation.jsonl"
 #: Per-item metrics ``report`` can pair between arms, as (numerator, denominator) of a ratio of sums: a mean of
@@ -298,12 +299,6 @@ def _check_writable(out: Path) -> None:
         raise ConfigError("--out_dir", f"cannot write results into {out} ({probe} is not a writable folder)")
 
 
-def _base_name(base) -> str:
-    from fff_lightning import backends
-
-    return backends.get(base.backend).model_name(base)
-
-
 def main(argv: list[str]) -> None:
     args, overrides = parser().parse_known_args(argv)
     shipped = local_tasks()
@@ -377,7 +372,7 @@ def main(argv: list[str]) -> None:
         raise Interrupted(f"interrupted by SIGINT while evaluating: nothing written to {out}", signal.SIGINT) from None
     seconds = time.perf_counter() - started
     about = {"adapter": str(Path(adapter).resolve()) if adapter else None,
-             "base": _base_name(module.loaded_base), "limit": limit,
+             "base": base_name(module), "limit": limit,
              "num_fewshot": args.num_fewshot, "chat": chat, "seed": args.seed, "batch_size": args.batch_size,
              "max_gen_toks": gen, "max_length": max_len, "lm_eval": getattr(lm_eval, "__version__", None),
              "fff_lightning": __version__, "seconds": round(seconds, 1),

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from fff_lightning.errors import ConfigError
+from fff_lightning.inference import base_name
 
 _TEMPLATE = Path(__file__).parent / "export_template.py"
 #: The class of an exported FFF model (in its ``modeling_fff.py``; ``config.json``'s ``auto_map`` names it).
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> None:
     _check_space(out, module, dtype)
     model, tokenizer = model_of(module, adapters=True)
     if getattr(model.config, "quantization_config", None) is not None:
-        raise ConfigError("export", f"the base model {_base_name(module)} is stored quantized; export needs its 16-bit "
+        raise ConfigError("export", f"the base model {base_name(module)} is stored quantized; export needs its 16-bit "
                           "weights: give the full-precision model (--model.base.name_or_path in the run's "
                           "config.yaml)")  # fmt: skip
     model = model.to("cpu") if not torch.cuda.is_available() else model
@@ -124,19 +126,36 @@ def main(argv: list[str]) -> None:
         tokenizer.save_pretrained(tmp)
         _card(tmp, run, module, kinds, peft_folder, has_fff, dtype, opts.style)
 
+    fff_params = {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if ".fff_blocks." in k}
     from fff_lightning.files import write_atomically
 
-    write_atomically(out, build)
-    model = module.model = None  # one copy of the weights at a time: the folder is loaded back next
-    got = _reload(out, has_fff, peft_folder, module, samples)
-    worst, agree = compare(got, reference)
-    rel, need = TOLERANCE[dtype]
-    scale = float(reference.abs().max())
-    if worst > rel * scale or agree < need:
-        shutil.rmtree(out)
-        raise ConfigError("export", f"the exported model's logits differ from the run's by up to {worst:.3g} "
-                          f"(logits up to {scale:.3g}; allowed {rel:g} of it in {dtype}) and its next token agrees "
-                          f"at {agree:.0%} of positions: nothing kept")  # fmt: skip
+    token = os.urandom(8).hex()  # the folder is this export's: another that appeared at --out meanwhile is not
+    try:
+        write_atomically(out, lambda tmp: (build(tmp), (tmp / ".fff_export_token").write_text(token)))
+        if (out / ".fff_export_token").read_text() != token if (out / ".fff_export_token").is_file() else True:
+            raise ConfigError("--out", f"{out} appeared while exporting (another export?): it is left as it is")
+        (out / ".fff_export_token").unlink()
+        model = module.model = None  # one copy of the weights at a time: the folder is loaded back next
+        exported, got = _reload(out, has_fff, peft_folder, module, samples)
+        _check_fff(exported, fff_params)
+        worst, agree = compare(got, reference)
+        rel, need = TOLERANCE[dtype]
+        scale = float(reference.abs().max())
+        if worst > rel * scale or agree < need:
+            raise ConfigError("export", f"the exported model's logits differ from the run's by up to {worst:.3g} "
+                              f"(logits up to {scale:.3g}; allowed {rel:g} of it in {dtype}) and its next token "
+                              f"agrees at {agree:.0%} of positions: nothing kept")  # fmt: skip
+    except KeyboardInterrupt:
+        _remove_own(out, token)
+        import signal
+
+        from fff_lightning.errors import Interrupted
+
+        raise Interrupted(f"interrupted by SIGINT while exporting: nothing written to {out}", signal.SIGINT) from None
+    except BaseException as e:
+        if not (isinstance(e, ConfigError) and e.field == "--out"):
+            _remove_own(out, token)
+        raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     merged_kinds = "/".join(k.upper() if k != "lora" else "LoRA" for k in kinds if k != "fff")
     what = ("a PEFT adapter folder" if peft_folder else
@@ -151,6 +170,32 @@ def main(argv: list[str]) -> None:
         f"run's to {worst:.2g} (largest logit {scale:.3g}); next token the same at {agree:.0%} of positions"
     )
     print(f"load it: {_how_to_load(out, peft_folder, has_fff, module)}")
+
+
+def _remove_own(out: Path, token: str) -> None:
+    """Remove ``out`` after a failed check or an interruption: the folder this export wrote (its token file is gone
+    once the write was checked to be ours; a folder still holding another token is another export's)."""
+    mark = out / ".fff_export_token"
+    if out.is_dir() and (not mark.exists() or mark.read_text() == token):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _check_fff(exported, trained: dict) -> None:
+    """The FFF stacks of the loaded folder are the run's, tensor for tensor (in the export's dtype): a stack dropped,
+    misplaced or of other values fails here even where 16-bit logits could hide it."""
+    if not trained:
+        return
+    import torch
+
+    got = {k: v for k, v in exported.named_parameters() if ".fff_blocks." in k}
+    ours = {k.split("base_model.model.", 1)[-1].replace(".base_layer.", "."): v for k, v in trained.items()}
+    missing = sorted(set(ours) - set(got))
+    if missing or len(got) != len(ours):
+        raise ConfigError("export", f"the exported model's FFF stacks are not the run's ({len(got)} tensors against "
+                          f"{len(ours)}; e.g. {missing[:1]}): nothing kept")  # fmt: skip
+    for k, v in ours.items():
+        if not torch.equal(got[k].detach().cpu(), v.to(got[k].dtype)):
+            raise ConfigError("export", f"the exported FFF tensor {k} differs from the run's: nothing kept")
 
 
 def _overrides(run: Path, adapter: Path, dtype: str) -> list[str]:
@@ -219,7 +264,7 @@ def _fff_config(merged, module) -> None:
 
     cfg = module.adapters.fff
     layers = parse_layers(cfg.layers, len(decoder_layers(merged)), "model.fff.layers")
-    eps = cfg.eps if cfg.eps is not None else getattr(merged.config, "rms_norm_eps", 1e-5)
+    eps = next(m.eps for m in merged.modules() if type(m).__name__ == "FFFLinear")  # what the stacks trained with
     merged.config.fff_adapter = {"layers": list(layers), "targets": list(cfg.targets), "widths": list(cfg.widths()),
                                  "activations": list(cfg.activations()), "eps": eps, "dtype": cfg.dtype}  # fmt: skip
     merged.config.fff_base_class = type(merged).__name__
@@ -233,13 +278,16 @@ def render(base_class: str, fff_dtype: str) -> str:
     return code if fff_dtype == "float32" else code.replace('= ["fff_blocks"]  #', "= []  #")
 
 
-def trusted_code(folder: Path, config: dict) -> bool:
-    """Whether to load ``folder`` with its own code: only when it is the ``modeling_fff.py`` export writes, byte for
-    byte (then ``True``); a folder without code is loaded without (``False``); any other code is refused in one line
-    (it would run on load)."""
+def exported_class(folder: Path, config: dict):
+    """The model class to load ``folder`` with, never running code from it: ``None`` for a folder without code (its
+    architecture's own class loads it, ``trust_remote_code`` off); for a folder ``export`` wrote, the
+    ``FFFForCausalLM`` of its ``modeling_fff.py`` -- built here from this package's template, after checking the
+    folder's copy is byte for byte the same, so the folder's files are read as data only (transformers would import
+    more than ``modeling_fff.py`` with ``trust_remote_code``, e.g. a ``custom_generate/`` folder). Any other code is
+    refused in one line."""
     auto_map = config.get("auto_map")
     if not auto_map:
-        return False
+        return None
     code = folder / "modeling_fff.py"
     base = config.get("fff_base_class")
     fff = config.get("fff_adapter") if isinstance(config.get("fff_adapter"), dict) else {}
@@ -249,7 +297,20 @@ def trusted_code(folder: Path, config: dict) -> bool:
         raise ConfigError("source", f"{folder} holds model code that fff_lightning's export did not write (auto_map "
                           f"{auto_map}); it would run on loading: load it with transformers yourself if you trust "
                           "it")  # fmt: skip
-    return True
+    return fff_class(base, fff.get("dtype", "float32"))
+
+
+def fff_class(base_class: str, fff_dtype: str):
+    """``FFFForCausalLM`` for ``base_class``, from this package's template (the code an FFF export carries)."""
+    import types
+
+    import transformers
+
+    if not hasattr(transformers, base_class):
+        raise ConfigError("source", f"transformers {transformers.__version__} has no class {base_class}")
+    module = types.ModuleType(f"fff_lightning_exported_{base_class}")
+    exec(compile(render(base_class, fff_dtype), str(_TEMPLATE), "exec"), module.__dict__)  # this package's own code
+    return getattr(module, CLASS)
 
 
 def _reload(out: Path, has_fff: bool, peft_folder: bool, module, samples):
@@ -267,21 +328,17 @@ def _reload(out: Path, has_fff: bool, peft_folder: bool, module, samples):
         base, _ = backends.get(module.loaded_base.backend).load(module.loaded_base, dtype)
         model = PeftModel.from_pretrained(base, str(out))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=has_fff, dtype=dtype)
+        config = json.loads((out / "config.json").read_text())
+        cls = exported_class(out, config) or AutoModelForCausalLM
+        model = cls.from_pretrained(str(out), dtype=dtype)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return logits(model.eval(), samples)
-
-
-def _base_name(module) -> str:
-    from fff_lightning import backends
-
-    return backends.get(module.loaded_base.backend).model_name(module.loaded_base)
+    return model.eval(), logits(model.eval(), samples)
 
 
 def _how_to_load(out: Path, peft_folder: bool, has_fff: bool, module) -> str:
     if peft_folder:
-        return (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({_base_name(module)!r}), "
+        return (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_name(module)!r}), "
                 f"{str(out)!r}); or python -m fff_lightning generate {out} --prompt ...")  # fmt: skip
     remote = ", trust_remote_code=True" if has_fff else ""
     return (f"AutoModelForCausalLM.from_pretrained({str(out)!r}{remote}); or python -m fff_lightning generate {out} "
@@ -295,7 +352,7 @@ def _card(folder: Path, run: Path, module, kinds, peft_folder: bool, has_fff: bo
 
     budget = module.plan.budget
     lines = [f"# {run.name}", "",
-             f"Exported by fff_lightning {__version__} from the run `{run.name}`: base model `{_base_name(module)}`, "
+             f"Exported by fff_lightning {__version__} from the run `{run.name}`: base model `{base_name(module)}`, "
              f"adapters {', '.join(kinds)} ({budget.trainable:,} trained parameters), weights in {dtype}.",
              ""]  # fmt: skip
     if has_fff:
@@ -307,7 +364,7 @@ def _card(folder: Path, run: Path, module, kinds, peft_folder: bool, has_fff: bo
     elif peft_folder:
         lines += ["A PEFT adapter folder:", "", "```python", "from peft import PeftModel",
                   "from transformers import AutoModelForCausalLM",
-                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({_base_name(module)!r}), "
+                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_name(module)!r}), "
                   "folder)", "```"]  # fmt: skip
     else:
         lines += ["A plain model folder with the adapters merged into the weights:", "", "```python",
@@ -315,7 +372,7 @@ def _card(folder: Path, run: Path, module, kinds, peft_folder: bool, has_fff: bo
                   "model = AutoModelForCausalLM.from_pretrained(folder)", "```"]  # fmt: skip
     (folder / "README.md").write_text("\n".join(lines) + "\n")
     (folder / "fff_export.json").write_text(json.dumps({"run": str(run.resolve()), "kinds": kinds, "dtype": dtype,
-                                                        "base": _base_name(module), "trainable": budget.trainable,
+                                                        "base": base_name(module), "trainable": budget.trainable,
                                                         "text_style": style, "fff_lightning": __version__},
                                                        indent=1) + "\n")  # fmt: skip
 

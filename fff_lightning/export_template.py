@@ -55,14 +55,13 @@ class FFFForCausalLM(_Base):
     def __init__(self, config):
         super().__init__(config)
         spec = config.fff_adapter
+        hidden = config.get_text_config().hidden_size  # a multimodal model's (Gemma 3) is its text model's
         inner = self.model
         while not hasattr(inner, "layers"):
             inner = inner.language_model if hasattr(inner, "language_model") else inner.model
         for i in spec["layers"]:
             mlp = inner.layers[i].mlp
             for t in spec["targets"]:
-                wrapped = FFFLinear(
-                    getattr(mlp, t), config.hidden_size, spec["widths"], spec["activations"], spec["eps"]
-                )
+                wrapped = FFFLinear(getattr(mlp, t), hidden, spec["widths"], spec["activations"], spec["eps"])
                 wrapped.fff_blocks.to(getattr(torch, spec["dtype"]))
                 setattr(mlp, t, wrapped)

@@ -132,16 +132,18 @@ def _chat(talk) -> None:
                 try:
                     answer = talk.answer([*talk.system(), *history, turn] if talk.style != "raw" else [turn])
                     break
-                except PromptTooLong:
-                    if not history:
-                        raise
+                except PromptTooLong as e:
+                    if not history:  # this turn alone is too long: say so, and wait for the next
+                        print(f"({e.message}: this turn is not kept)", file=sys.stderr)
+                        answer = None
+                        break
                     history = history[2:]
                     print("(the oldest turn is dropped: the conversation outgrew the model)", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C during an answer stops it; the turn is forgotten
             print("\n(stopped; this turn is not kept)", file=sys.stderr)
             continue
-        if talk.style != "raw":
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        if talk.style != "raw" and answer is not None:  # kept as the training data writes turns: stripped
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer.strip()}]
 
 
 class PromptTooLong(ConfigError):
@@ -251,11 +253,11 @@ def load(source: str, dtype: str = "auto"):
 def _folder(path: Path, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fff_lightning.export import trusted_code
+    from fff_lightning.export import exported_class
 
     config = json.loads((path / "config.json").read_text())
-    remote = trusted_code(path, config)  # our own exported FFF code, checked byte for byte; never other code
-    model = _from_pretrained(AutoModelForCausalLM, str(path), trust_remote_code=remote, dtype=dtype)
+    cls = exported_class(path, config)  # an FFF export's class, from this package; no code from the folder runs
+    model = _from_pretrained(cls or AutoModelForCausalLM, str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return _ready(model), tokenizer, _style(path, tokenizer)
 

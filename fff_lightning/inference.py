@@ -72,6 +72,13 @@ def model_of(module, adapters: bool):
     return model.eval(), tokenizer
 
 
+def base_name(module) -> str:
+    """The base model a module loads, as its backend names it (hub id, folder or file)."""
+    from fff_lightning import backends
+
+    return backends.get(module.loaded_base.backend).model_name(module.loaded_base)
+
+
 def is_run(folder: Path) -> bool:
     """Whether ``folder`` is a finished run folder (its config.yaml and trained adapters)."""
     return (folder / "config.yaml").is_file() and (folder / "adapter" / "fff_adapter_config.json").is_file()

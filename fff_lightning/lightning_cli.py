@@ -17,7 +17,14 @@ from fff_lightning import console, kinds, runs, table
 from fff_lightning.adapters import resolve_adapters
 from fff_lightning.callbacks import GracefulInterrupt
 from fff_lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from fff_lightning.distributed import RUN_NAME_ENV, check_strategy_name, launch_rank, processes, stray_rank
+from fff_lightning.distributed import (
+    RANK_VARIABLES,
+    RUN_NAME_ENV,
+    check_strategy_name,
+    launch_rank,
+    processes,
+    stray_rank,
+)
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.module import check_checkpoint_adapters, check_checkpoint_run
 from fff_lightning.plan import plan_run, planned
@@ -70,7 +77,7 @@ class FFFCLI(RunCLI):
         stray = stray_rank(cfg.trainer)
         if stray:  # one process: it is the first, whatever a scheduler or a shell left in the environment
             print(f"note: {stray} in the environment is ignored: this run has one process", file=sys.stderr)
-            for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "WORLD_SIZE"):
+            for name in (*RANK_VARIABLES, "WORLD_SIZE"):
                 os.environ.pop(name, None)  # Lightning reads them too
             from lightning.fabric.utilities.rank_zero import rank_zero_only
 

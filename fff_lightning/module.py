@@ -17,7 +17,7 @@ from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.data.formatting import IGNORE
 from fff_lightning.data.plan import DataPlan
-from fff_lightning.distributed import HostValue, check_strategy
+from fff_lightning.distributed import HostValue, check_strategy, config_getter
 from fff_lightning.errors import ConfigError, Diverged
 from fff_lightning.generation import Sampling
 from fff_lightning.loading import load_model
@@ -383,7 +383,10 @@ class FFFModule(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        from fff_lightning.runs import keep_claimed
+
         self.fit_start_step = self.trainer.global_step  # > 0 when resumed: fit's closing lines say so
+        keep_claimed()  # from here a failure keeps the run folder (its logs and config), not only a checkpoint
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._check_finite()
@@ -585,9 +588,12 @@ _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate
 
 
 def base_identity(plan: RunPlan) -> dict:
-    """The base model a run trains on, as its checkpoints record it: its name (hub id, folder or file) and shape."""
-    return {"name": backends.get(plan.base.backend).model_name(plan.base),
-            "shape": {k: getattr(plan.shape, k, None) for k in _SHAPE_FIELDS}}  # fmt: skip
+    """The base model a run trains on, as its checkpoints record it: its name (a hub id, or a folder or file by its
+    absolute path, so ``./models/x`` given from another folder is the same model) and shape."""
+    name = backends.get(plan.base.backend).model_name(plan.base)
+    if isinstance(name, str) and Path(name).exists():
+        name = str(Path(name).resolve())
+    return {"name": name, "shape": {k: getattr(plan.shape, k, None) for k in _SHAPE_FIELDS}}
 
 
 def check_checkpoint_run(checkpoint: dict, plan: RunPlan, trainer_cfg, allow_changes: bool = False,
@@ -617,7 +623,7 @@ def check_checkpoint_run(checkpoint: dict, plan: RunPlan, trainer_cfg, allow_cha
     sched = saved.get("schedule") if schedule else None
     if not sched:
         return "; ".join(notes) or None
-    get = trainer_cfg.get if hasattr(trainer_cfg, "get") else lambda k, d=None: getattr(trainer_cfg, k, d)
+    get = config_getter(trainer_cfg)
     steps = get("max_steps", -1)
     epochs = get("max_epochs", None)
     if epochs is None:  # Lightning's rule: 1000 epochs when no step limit, else no epoch limit

@@ -105,7 +105,9 @@ class RunCLI(LightningCLI):
             "--resume_changes",
             default="refuse",
             choices=["refuse", "allow"],
-            help="with --ckpt_path: refuse (default) or allow a checkpoint whose adapters or data settings differ",
+            help="with --ckpt_path: refuse (default) or allow a checkpoint whose adapter or data settings, base model "
+            "name or schedule length (trainer.max_steps, max_epochs, accumulate_grad_batches) differ; another base "
+            "model shape is always refused",
         )
         parser.add_argument(
             "--allow_untrained",

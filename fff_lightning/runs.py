@@ -112,7 +112,15 @@ def in_use(folder: Path) -> bool:
     folder = Path(folder)
     if folder in _HELD or not (folder / LOCK).exists():
         return False
-    fd = os.open(folder / LOCK, os.O_RDONLY)
+    import stat
+
+    try:  # never through a link, never blocking (a FIFO put there)
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return True  # a lock that cannot be read as one: treat the folder as taken, never as free
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
@@ -197,6 +205,12 @@ def check_space(folder: Path, need: int, what: str) -> None:
             f"only {free / 2**20:,.0f} MiB free on the disk of {folder}; {what} needs about {need / 2**20:,.0f} MiB: "
             "free some space or choose a --logs_dir on another disk",
         )
+
+
+def keep_claimed() -> None:
+    """Training has started: the run folders this process claimed are kept whatever happens next (a crash mid-run
+    keeps its logs and config; only a run that failed on its input, before training, leaves nothing)."""
+    CLAIMED.clear()
 
 
 def release_unused() -> None:
@@ -313,11 +327,15 @@ class RunFolder:
         return [ours, *theirs] if theirs else ours
 
     def _run_folder_logger(self, logger) -> bool:
-        """Whether ``logger`` (a config value) is a run folder's TensorBoard logger: one into this experiment."""
+        """Whether ``logger`` (a config value) is a run folder's TensorBoard logger, as a run's saved config.yaml
+        holds it: one into this experiment, or one written as :meth:`logger` writes it (a named version, no hp
+        metric) wherever it points (a run of another experiment, logs dir or machine: never written into)."""
         class_path = str(getattr(logger, "class_path", "") or "")
         args = getattr(logger, "init_args", None)
         if class_path.rsplit(".", 1)[-1] != "TensorBoardLogger" or args is None:
             return False
+        if isinstance(args.get("version"), str) and args.get("default_hp_metric") is False:
+            return True
         save_dir, name = args.get("save_dir"), args.get("name")
         if not isinstance(save_dir, str | os.PathLike) or not isinstance(name, str):
             return False

@@ -71,3 +71,14 @@ class FailForSeed(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if pl_module.seed == self.seed:
             raise RuntimeError(f"planted failure for seed {self.seed}")
+
+
+class FailAtStep(L.Callback):
+    """Fail with an error this tool does not know (a bug, a device error) after optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"planted failure at step {trainer.global_step}")

@@ -194,6 +194,14 @@ def test_generate_samples_with_a_seed_stops_at_stop_strings_and_refuses_foreign_
     out = tmp_path / "export"
     main(["export", run, "--out", str(out)])
     capsys.readouterr()
+    # transformers would also import a custom_generate/ folder with trust_remote_code: no code of a folder runs
+    marker = tmp_path / "RAN"
+    (out / "custom_generate").mkdir()
+    (out / "custom_generate" / "generate.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef generate(model, *a, **k):\n    raise SystemExit(9)\n"
+    )
+    main(["generate", str(out), "--prompt", "x", "--max_new_tokens", "2"])
+    assert not marker.exists() and "tokens/s]" in capsys.readouterr().err
     code = out / "modeling_fff.py"
     code.write_text(code.read_text() + "\nimport os  # changed\n")
     assert "did not write" in fails(capsys, "generate", str(out), "--prompt", "x")
@@ -236,7 +244,7 @@ def test_chat_keeps_a_conversation_and_reset_forgets_it(trained_run, capsys, mon
     assert got.out == "".join(a + "\n" for a in answers)  # streamed as generated
     assert "conversation forgotten" in got.err and got.err.count("tokens/s]") == 3
     assert [m["role"] for m in prompts[1]] == ["system", "user", "assistant", "user"]
-    assert prompts[1][2]["content"] == answers[0] and prompts[2] == prompts[0]
+    assert prompts[1][2]["content"] == answers[0].strip() and prompts[2] == prompts[0]
 
 
 def test_the_streamer_never_prints_a_stop_string_split_across_tokens():

@@ -93,6 +93,11 @@ def test_the_run_folders_logger_comes_first_and_a_saved_configs_own_is_replaced(
     given = [Namespace(class_path=g["class_path"], init_args=Namespace(**g["init_args"])) for g in saved]
     assert given[0].init_args.version == run.name
     assert folder.logger(given) == [ours, given[1]] and folder.logger(given[0]) == ours
+    # ... and so is one into another experiment or logs folder (fit --config <run>/config.yaml --experiment other)
+    elsewhere = Namespace(class_path=given[0].class_path, init_args=Namespace(**{**vars(given[0].init_args),
+                                                                               "save_dir": "/elsewhere/logs"}))  # fmt: skip
+    other = RunFolder("fit", str(run.parent.parent), "other", "new", run.parent.parent / "other" / "new")
+    assert other.logger(elsewhere) == other.logger()
     # A TensorBoard logger of one's own, elsewhere, logs beside ours.
     other_tb = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
                          init_args=Namespace(save_dir="tb", name="x"))  # fmt: skip

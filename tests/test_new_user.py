@@ -228,3 +228,13 @@ def test_an_offline_download_dry_run_lists_each_repository_once_with_its_splits(
     assert sum("HuggingFaceH4/ultrachat_200k" in x for x in missing) == 1, missing
     assert "ultrachat_200k (splits train_sft, test_sft)" in out
     assert line.endswith(f"{len(missing)} of the repositories and splits an offline run needs are not in the hub cache")
+
+
+def test_a_crash_during_training_keeps_the_run_folder_with_its_logs(tmp_path):
+    """A failure the tool does not know (a bug, a device error), after training started and before any checkpoint:
+    the run folder stays, with its config and TensorBoard events (before, it was removed as unused)."""
+    fail = ["--trainer.callbacks+=faults.FailAtStep", "--trainer.callbacks.step=2", "--trainer.limit_val_batches=0"]
+    with pytest.raises(RuntimeError, match="planted failure at step 2"):
+        main(quick_args(tmp_path, *fail, steps=4))
+    (run,) = (tmp_path / "tiny").iterdir()
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents*"))

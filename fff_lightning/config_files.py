@@ -113,7 +113,19 @@ def check_yaml_file(file: str | Path) -> None:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError(f"{file}:{line}", f"not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
-    check_yaml_text(text, str(file))
+    if _digest(text) not in _SOUND:  # the same file, read again by the run's parser
+        check_yaml_text(text, str(file))
+
+
+#: Digests of the YAML texts this process has composed and found sound: a config file is read by the command line's
+#: check, by the run's parser and by jsonargparse's loader, and composed once.
+_SOUND: set[bytes] = set()
+
+
+def _digest(text: str) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def check_yaml_text(text: str, where: str):
@@ -135,20 +147,25 @@ def check_yaml_text(text: str, where: str):
         raise ConfigError(where, f"not valid YAML: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if node is not None:
         check_expansion(node, where)
+    _SOUND.add(_digest(text))
     return node
 
 
 def check_value(text: str) -> None:
     """Refuse a YAML value (a config file's text, an option's value) whose aliases expand to too many values; one
-    that is not valid YAML is left to its reader."""
+    that is not valid YAML is left to its reader. A text found sound before (a checked config file) is not read
+    again."""
     import yaml
 
+    if _digest(text) in _SOUND:
+        return
     try:
         node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
         return
     if node is not None:
         check_expansion(node, "a YAML value")
+    _SOUND.add(_digest(text))
 
 
 def check_expansion(root, where: str) -> None:

@@ -166,3 +166,20 @@ def adapter_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def refused(argv: list[str], capsys, codes=(1, 2), one_error: bool = False) -> str:
+    """Run ``python -m fff_lightning <argv>`` in this process; assert it exits with one of ``codes`` and prints no
+    traceback (with ``one_error``: exactly one ``error`` line); return the last line it printed on stderr."""
+    import pytest
+
+    from fff_lightning.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert e.value.code in codes, (e.value.code, err)
+    assert err and "Traceback" not in "\n".join(err), err
+    assert not one_error or sum(line.startswith("error") for line in err) == 1, err
+    return err[-1]

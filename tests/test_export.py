@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quick_args
+from helpers import quick_args, refused
 
 from fff_lightning.cli import main
 from fff_lightning.generation import Sampling, StopAwareStreamer, cut
@@ -19,12 +19,7 @@ ROOT = Path(__file__).parent.parent
 
 def fails(capsys, *argv) -> str:
     """The one line a command that fails prints (no traceback)."""
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code in (1, 2), e.value.code
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    return err.splitlines()[-1]
+    return refused(argv, capsys)
 
 
 def trained(logs: Path, *extra: str, steps: int = 3) -> Path:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import yaml
-from helpers import QUICK, quick_args
+from helpers import QUICK, quick_args, refused
 
 from fff_lightning.cli import main
 from fff_lightning.errors import ConfigError
@@ -13,14 +13,9 @@ from fff_lightning.errors import ConfigError
 
 def one_line(capsys, *argv) -> str:
     """The one line a failing command prints (no traceback), with its exit status 1 or 2."""
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    assert e.value.code in (1, 2), e.value.code
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(lines) == 1, err
-    return lines[0]
+    line = refused(argv, capsys, one_error=True)
+    assert line.startswith("error"), line
+    return line
 
 
 # -- 1. files the tool writes go where it chose, never through a link ------------------------------------------

@@ -75,17 +75,19 @@ def plan(
     cap_gib: float,
     backend: str,
     dry_run: bool = False,
+    packed_segments: bool = False,
 ):
     """The memory plan for a run whose cap is ``cap_gib`` (:mod:`fff_lightning.backends.memory_plan`); ``None``
     where the planner has no calibration for ``backend`` (only Unsloth has one; a ``dry_run`` plans ``auto`` as
-    Unsloth) or for one of the run's adapter kinds (its ``planned_in_memory``). Nothing fits: one line that says
+    Unsloth) or for one of the run's adapter kinds (its ``planned_in_memory``). ``packed_segments``: packed rows
+    attend one call per document (:mod:`fff_lightning.backends.packed_attention`). Nothing fits: one line that says
     what would."""
     from fff_lightning.backends import memory_plan as mp
 
     cal = mp.calibration(backend, dry_run)
     if cal is None or not all(k.planned_in_memory for k in adapters.kinds()):
         return None  # no calibration for this backend, or an adapter kind the planner does not model
-    layout = mp.layout_of(shape, adapters, trainable, optimizer, base.load_in_4bit)
+    layout = mp.layout_of(shape, adapters, trainable, optimizer, base.load_in_4bit, packed_segments)
     try:
         return mp.choose(layout, tokens, cap_gib, cal)
     except mp.NoPlanFits as e:

@@ -14,6 +14,7 @@ from torchmetrics import SumMetric
 
 from fff_lightning import backends, kinds, memory, table
 from fff_lightning.adapters import is_adapter, mismatch, resolve_adapters, save_adapters
+from fff_lightning.backends.packed_attention import one_call_per_row
 from fff_lightning.data.datamodule import FFFDataModule
 from fff_lightning.data.formatting import IGNORE
 from fff_lightning.data.plan import DataPlan
@@ -226,13 +227,15 @@ class FFFModule(L.LightningModule):
         """Bind the memory plan for ``cap`` GiB and the prepared data's largest step into the run's plan, before any
         weight loads; the model loads with its checkpointing (:attr:`loaded_base`), the config stays as given."""
         tokens = data.step_tokens if data is not None else self.base.max_seq_length
-        self._plan, why = self.plan.with_memory(cap, self.optim["name"], tokens)
+        segments = data is not None and data.packing and not one_call_per_row(self.base.packed_attention)
+        self._plan, why = self.plan.with_memory(cap, self.optim["name"], tokens, segments)
         if why is not None:
             log.warning("memory plan: %.2f GiB -> none (%s); checkpointing as configured", cap, why)
         elif self.trainer.is_global_zero:
             chosen = self._plan.memory
+            rows = ", packed rows attended one call per document" if segments else ""
             print(f"memory plan: {cap:.2f} GiB -> {chosen.describe()}, predicted peak {chosen.peak_gib:.2f} GiB "
-                  f"(steps of up to {tokens:,} tokens)", flush=True)  # fmt: skip
+                  f"(steps of up to {tokens:,} tokens{rows})", flush=True)  # fmt: skip
 
     @property
     def memory_plan(self):

@@ -73,14 +73,18 @@ class RunPlan:
         """This plan, run in ``run_dir``."""
         return replace(self, run_dir=Path(run_dir))
 
-    def with_memory(self, cap_gib: float, optimizer: str, step_tokens: int) -> tuple[RunPlan, str | None]:
+    def with_memory(
+        self, cap_gib: float, optimizer: str, step_tokens: int, packed_segments: bool = False
+    ) -> tuple[RunPlan, str | None]:
         """This plan with the memory plan for a cap of ``cap_gib`` GiB and steps of up to ``step_tokens`` tokens
-        (no memory plan fits: one line, :class:`~fff_lightning.errors.ConfigError`), and why none was chosen where
-        the planner has no model of this run (``None`` when one was)."""
+        (``packed_segments``: packed rows that attend one call per document), or one line when no memory plan fits
+        (:class:`~fff_lightning.errors.ConfigError`); and why none was chosen where the planner has no model of
+        this run (``None`` when one was)."""
         from fff_lightning import backends, memory
 
         chosen = memory.plan(self.base, self.adapters, self.shape, self.budget.trainable, optimizer, step_tokens,
-                             cap_gib, backends.resolve(self.base.backend))  # fmt: skip
+                             cap_gib, backends.resolve(self.base.backend),
+                             packed_segments=packed_segments)  # fmt: skip
         if chosen is not None:
             return replace(self, memory=chosen), None
         unplanned = [k.name for k in self.adapters.kinds() if not k.planned_in_memory]

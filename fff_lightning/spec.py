@@ -105,6 +105,10 @@ class BaseModelConfig:
         fuse_fff_mlp: on the unsloth backend with LoRA, run the MLPs that carry FFF with Unsloth's fused LoRA
             matmuls (:mod:`fff_lightning.backends.unsloth_mlp`) instead of PEFT's modules: measured the same speed and
             0.2 GiB less memory on step 2; off until its gradients are checked against PEFT's on a GPU.
+        packed_attention: how a packed row (``data.packing``) attends on the unsloth backend: ``auto``, one
+            flash-attention call per layer over the row's documents where the GPU has torch's flash kernel
+            (:mod:`fff_lightning.backends.packed_attention`); ``segments``, Unsloth's one call per document (slower;
+            to compare).
         tokenizer: tokenizer hub id or folder; default: the model's own (``tiny``: Mistral-7B's).
         max_memory_gib: GPU memory this run may use, in GiB: a number caps each process's CUDA allocator (share a
             GPU, or rehearse a smaller card: an N GB card is about N - 0.5), ``auto`` is the device's free memory
@@ -124,6 +128,7 @@ class BaseModelConfig:
     recompute_fff: bool = False
     compile_fff: bool | None = None
     fuse_fff_mlp: bool = False
+    packed_attention: Literal["auto", "segments"] = "auto"
     tokenizer: str | None = None
     max_memory_gib: float | Literal["auto"] | None = None
     plan_memory: bool = True
@@ -133,6 +138,7 @@ class BaseModelConfig:
         if isinstance(self.tiny, dict):
             self.tiny = TinyConfig(**self.tiny)
         choice("model.base.backend", self.backend, BACKENDS)
+        choice("model.base.packed_attention", self.packed_attention, ("auto", "segments"))
         choice("model.base.dtype", self.dtype, BASE_DTYPES)
         positive_int("model.base.max_seq_length", self.max_seq_length)
         if self.max_seq_length > MAX_SEQ_LENGTH:

@@ -195,3 +195,40 @@ def test_other_backends_get_no_plan():
     run = describe_run("step2").model
     shape = run.base_shape()
     assert memory.plan(run.base, run.adapters, shape, 1, "adamw_8bit", STEP, 7.5, "hf") is None
+
+
+def test_packed_rows_attended_per_document_need_more_and_one_call_rows_none(layouts):
+    """Packed rows that attend one SDPA call per document keep the documents' joined outputs and expanded K/V in
+    every layer that keeps its activations; one varlen call per row keeps what full rows keep."""
+    lay = layouts["step2"]
+    per_doc = mp.Layout(**{**lay.__dict__, "packed_segments": True})
+    for k in (0, 12, 31):
+        full = mp.peak_bytes(lay, STEP, k, True, mp.UNSLOTH)
+        extra = mp.peak_bytes(per_doc, STEP, k, True, mp.UNSLOTH) - full
+        kept = 32 - k  # layers that keep their activations hold the term; the checkpointed one rebuilding holds it
+        assert extra == pytest.approx(mp.UNSLOTH.segments * 2 * 4096 * STEP * max(kept, 1), rel=0.01)
+    assert mp.choose(per_doc, STEP, 23.0).checkpointed > mp.choose(lay, STEP, 23.0).checkpointed
+
+
+def test_a_packed_fit_plans_for_the_attention_it_will_run(monkeypatch, capsys):
+    """With packing, the plan counts the per-document attention's memory unless packed rows take one call."""
+    from fff_lightning.backends import packed_attention
+
+    described = describe_run("step2", overrides=["--data.packing", "true", "--data.tokens_per_batch", "6144"])
+    module = described.model
+    data = SimpleNamespace(step_tokens=6144, packing=True)
+    module._trainer = None
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: SimpleNamespace(is_global_zero=True)))
+    monkeypatch.setattr("fff_lightning.backends.resolve", lambda name: "unsloth")
+    chosen = {}
+    for flash in (True, False):
+        monkeypatch.setattr(packed_attention, "flash_kernel_available", lambda device=None, ok=flash: ok)
+        module._plan_memory(23.0, data)
+        out = capsys.readouterr().out
+        assert ("packed rows attended one call per document" in out) is not flash
+        chosen[flash] = module.memory_plan
+    assert chosen[False].checkpointed > chosen[True].checkpointed  # per-document attention needs more room
+    module.base.packed_attention = "segments"  # asked for: planned for, whatever the GPU has
+    monkeypatch.setattr(packed_attention, "flash_kernel_available", lambda device=None: True)
+    module._plan_memory(23.0, data)
+    assert module.memory_plan == chosen[False]

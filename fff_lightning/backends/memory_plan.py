@@ -53,6 +53,10 @@ class Calibration:
     fff_kept: float
     loss: float
     offloaded: bool  # Unsloth's LoRA path offloads checkpointed layers' inputs to CPU memory
+    #: A packed row attended one SDPA call per document (``packed_attention`` without the one-call path) keeps,
+    #: per layer that keeps its activations, this many more bf16 vectors of ``hidden`` per token (the
+    #: documents' outputs joined again, K/V expanded to the query heads).
+    segments: float = 3.0
     #: Relative step time: each checkpointed layer adds ``slow_layer``, each recomputed FFF stack ``slow_fff``.
     slow_layer: float = 0.0125
     slow_fff: float = 0.002
@@ -88,6 +92,7 @@ class Layout:
     fff_sublayers: int = 0
     fff_dtype_bytes: int = 4
     lora: bool = False
+    packed_segments: bool = False  # packed rows attend one call per document (see Calibration.segments)
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,7 @@ def peak_bytes(layout: Layout, tokens: int, k: int, recompute_fff: bool, cal: Ca
     fff_full = cal.fff * L.fff_sublayers * L.hidden * L.fff_dtype_bytes * tokens
     fff_in = cal.fff_kept * 2 * L.hidden * tokens  # a recomputed stack keeps its input (and its output)
     ckpt_in = 0.0 if cal.offloaded and L.lora else 2 * L.hidden * tokens
+    segments = cal.segments * 2 * L.hidden * tokens if L.packed_segments else 0.0
     fixed = L.weight_bytes + L.trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[L.optimizer]) + cal.fixed_gib * GIB
     chunk_rows = max(1, int(LOSS_CHUNK_GIB * GIB / (4 * L.vocab)))
     loss = cal.loss * 4 * L.vocab * min(tokens, chunk_rows)
@@ -162,9 +168,9 @@ def peak_bytes(layout: Layout, tokens: int, k: int, recompute_fff: bool, cal: Ca
             rebuilt = (cal.rebuild + cal.rebuild_lora * L.lora) * vec + (
                 fff_full / FFF_CHUNKS if recompute_fff else fff_full
             ) * fff
-            work.append(ckpt_in + rebuilt)
+            work.append(ckpt_in + rebuilt + segments)
         else:
-            keep = act + ((fff_in if recompute_fff else fff_full) if fff else 0.0)
+            keep = act + segments + ((fff_in if recompute_fff else fff_full) if fff else 0.0)
             kept.append(keep)
             work.append(keep + cal.work * vec + (fff_full / FFF_CHUNKS if recompute_fff and fff else 0.0))
     end_of_forward = sum(kept) + loss
@@ -212,8 +218,11 @@ def largest_fitting_tokens(layout: Layout, cap_gib: float, tokens: int, cal: Cal
     return lo * 64
 
 
-def layout_of(shape, adapters, trainable: int, optimizer: str, load_in_4bit: bool) -> Layout:
-    """The :class:`Layout` of a run: ``adapters`` is an :class:`~fff_lightning.spec.AdapterSpec`."""
+def layout_of(
+    shape, adapters, trainable: int, optimizer: str, load_in_4bit: bool, packed_segments: bool = False
+) -> Layout:
+    """The :class:`Layout` of a run: ``adapters`` is an :class:`~fff_lightning.spec.AdapterSpec`;
+    ``packed_segments``: its packed rows attend one call per document."""
     fff = adapters.fff
     fff_layers = frozenset(fff.layer_indices(shape.num_hidden_layers)) if fff is not None else frozenset()
     return Layout(
@@ -228,4 +237,5 @@ def layout_of(shape, adapters, trainable: int, optimizer: str, load_in_4bit: boo
         fff_sublayers=fff.n_sublayers * len(fff.targets) if fff is not None else 0,  # stacks per layer
         fff_dtype_bytes=DTYPE_BYTES.get(fff.dtype, 4) if fff is not None else 4,
         lora=adapters.lora is not None,
+        packed_segments=packed_segments,
     )

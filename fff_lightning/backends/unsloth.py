@@ -1,6 +1,7 @@
 """The ``unsloth`` backend: Unsloth's ``FastLanguageModel`` 4-bit load, its ``get_peft_model`` LoRA (fused kernels,
-its own checkpointing), packed batches' sample lengths, and optionally its fused LoRA matmuls for the MLPs that
-carry FFF (:mod:`.unsloth_mlp`). GPU only; the one module that imports Unsloth besides :func:`preimport_unsloth`."""
+its own checkpointing), packed batches' sample lengths (one attention call per packed row:
+:mod:`.packed_attention`), and optionally its fused LoRA matmuls for the MLPs that carry FFF (:mod:`.unsloth_mlp`).
+GPU only; the one module that imports Unsloth besides :func:`preimport_unsloth`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ class Unsloth(Backend):
         unsloth_environment()
         import unsloth  # noqa: F401  (first, so it can patch transformers/peft)
         from unsloth import FastLanguageModel
+        from unsloth.utils import attention_dispatch
+
+        from fff_lightning.backends import packed_attention
+
+        log.info("packed rows attend with %s", packed_attention.configure(base.packed_attention, attention_dispatch))
 
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=self.model_path(base),

@@ -8,8 +8,15 @@ Cases (each on the same 4-bit model and the same batches):
 * ``d``: ``fit``, FFF only, step 2's FFF shape with its width matched to LoRA r16's budget (``budget --match``);
 * ``e``: ``fit --config configs/step2.yaml`` (FFF 6x128 + LoRA r24);
 * ``f``: ``fit --config configs/step2_lora.yaml`` (LoRA r46);
+* ``e-auto``: ``e`` as shipped, ``max_memory_gib: auto``: the memory plan chooses checkpointing for the GPU's
+  free memory (its rows form a group of their own, with the plan that ran and its predicted peak);
 * ``e-mix-padded`` / ``e-mix-packed``: ``e`` on the bundled samples plus the long rows, padded or packed
   (``--data.packing true``), against ``e`` on full-length rows.
+
+Every ``fit`` case runs what its row says: checkpointing as ``--checkpointing`` asks, with no memory plan
+(``--model.base.max_memory_gib null``), unless the case sets ``max_memory_gib`` (``e-auto``, or an ``--extra``
+such as ``'e8=e-mix-packed:--model.base.max_memory_gib 7.5'``); then the plan chooses, and the row says what it
+chose. The column "ran" says what the model was loaded with, read from the run itself.
 
 Every loop times a step from its start to the next step's start with CUDA events (no per-step sync), reports the
 median tokens/s after ``--warmup`` steps, and the peak memory allocated while training (reset after loading).
@@ -40,7 +47,9 @@ FIT_CASES = {
     "d": ("fit, FFF only at LoRA r16's budget", "step2.yaml", ["--model.lora", "null"]),
     "e": ("fit, configs/step2.yaml (FFF 6x128 + LoRA r24)", "step2.yaml", []),
     "f": ("fit, configs/step2_lora.yaml (LoRA r46)", "step2_lora.yaml", []),
-}
+    "e-auto": ("fit, configs/step2.yaml, the memory plan for the free memory", "step2.yaml",
+               ["--model.base.max_memory_gib", "auto"]),
+}  # fmt: skip
 BARE_CASES = {"a": "bare transformers + bnb + PEFT LoRA r16 loop", "b": "bare Unsloth LoRA r16 loop"}
 MIX_CASES = {
     "e-mix-padded": "e on bundled samples + long rows, padded",
@@ -53,7 +62,7 @@ class Result:
     case: str
     what: str
     batch: int
-    checkpointing: bool
+    checkpointing: bool | None  # None: the memory plan chose (the row's "ran" says what)
     tokens_per_s: float = float("nan")
     mean_tokens_per_s: float = float("nan")
     step_s: float = float("nan")
@@ -92,7 +101,17 @@ def _run(results: list[Result], r: Result, fn, *args) -> None:
     if _JSON_OUT:  # after every case, so a run cut short still leaves what it measured
         Path(_JSON_OUT[0]).write_text(json.dumps([x.__dict__ for x in results], indent=2, default=str))
     shown = "FAILED " + r.error if r.error else f"{r.tokens_per_s:,.0f} tokens/s, peak {r.peak_gib:.2f} GiB"
-    print(f"[bench] {r.case} batch {r.batch} checkpointing {'on' if r.checkpointing else 'off'}: {shown}", flush=True)
+    ran = r.extra.get("ran") or checkpointing_words(r.checkpointing)
+    print(f"[bench] {r.case} batch {r.batch}, {ran}: {shown}", flush=True)
+
+
+def checkpointing_words(ckpt: bool | None) -> str:
+    return {True: "checkpointing on", False: "checkpointing off", None: "checkpointing as the memory plan chose"}[ckpt]
+
+
+def planned(args: list[str]) -> bool:
+    """Whether a fit case's arguments set a memory cap (then the memory plan chooses its checkpointing)."""
+    return any(a.startswith("--model.base.max_memory_gib") for a in args)
 
 
 _JSON_OUT: list[str] = []
@@ -112,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for a random-weight Mistral-7B (built once, then reused): the GPU default is a temp folder",
     )
-    p.add_argument("--cases", default="a,b,c,d,e,f,e-mix-padded,e-mix-packed", help="comma-separated cases")
+    p.add_argument("--cases", default="a,b,c,d,e,f,e-auto,e-mix-padded,e-mix-packed", help="comma-separated cases")
     p.add_argument("--batch", default="3,2", help="micro-batch sizes (samples of --seq tokens)")
     p.add_argument(
         "--checkpointing",
@@ -168,8 +187,11 @@ def main(argv: list[str]) -> None:
     for spec in opts.extra:
         name, _, rest = spec.partition("=")
         case, _, args = rest.partition(":")
-        if case not in FIT_CASES or not name:
-            sys.exit(f"error: --extra {spec!r}: use NAME=CASE:ARGS with CASE one of {', '.join(FIT_CASES)}")
+        if case not in {**FIT_CASES, **MIX_CASES} or not name or name in {**FIT_CASES, **MIX_CASES, **BARE_CASES}:
+            sys.exit(
+                f"error: --extra {spec!r}: use NAME=CASE:ARGS with a new NAME and CASE one of "
+                f"{', '.join([*FIT_CASES, *MIX_CASES])}"
+            )
         extras[name] = (case, args.split())
         if name not in cases:
             cases.append(name)
@@ -242,29 +264,33 @@ def main(argv: list[str]) -> None:
     for batch in batches:
         for ckpt in ckpts:
             for case in cases:
-                if ckpt != ckpts[0] and (case in MIX_CASES or case in extras):
-                    continue  # variants run with the first checkpointing setting only
-                if case in FIT_CASES or case in extras:
-                    base_case, more = extras.get(case, (case, []))
+                if case in BARE_CASES:
+                    continue
+                base_case, more = extras.get(case, (case, []))
+                if base_case in MIX_CASES:
+                    what, config = MIX_CASES[base_case], "step2.yaml"
+                    args = [*cpu_fff, *_mix_args(data, batch, seq, packed=base_case.endswith("packed"))]
+                    sources = []
+                else:
                     what, config, args = FIT_CASES[base_case]
                     args = [
                         *args,
                         *(d_args if base_case == "d" else []),
                         *(cpu_fff if config == "step2.yaml" else []),
-                        *more,
                     ]
-                    what = what if case not in extras else f"{what} + {' '.join(more)}"
-                    r = Result(case, what, batch, ckpt)
-                    prof = (
-                        f"{opts.profile_dir}/prof-{case}-b{batch}-{'gc' if ckpt else 'nogc'}.txt"
-                        if case in profiled
-                        else None
-                    )
-                    _run(results, r, fit_case, config, args, str(model_dir), long_source, batch, ckpt, opts, prof)
-                elif case in MIX_CASES:
-                    mix = _mix_args(data, batch, seq, packed=case.endswith("packed"))
-                    r = Result(case, MIX_CASES[case], batch, ckpt)
-                    _run(results, r, fit_case, "step2.yaml", [*cpu_fff, *mix], str(model_dir), [], batch, ckpt, opts)
+                    sources = long_source
+                args = [*args, *more]
+                what = what if case not in extras else f"{what} + {' '.join(more)}"
+                row_ckpt = None if planned(args) else ckpt
+                if ckpt != ckpts[0] and (row_ckpt is None or case in MIX_CASES or case in extras):
+                    continue  # variants, and cases the memory plan decides, run once per batch size
+                r = Result(case, what, batch, row_ckpt)
+                prof = (
+                    f"{opts.profile_dir}/prof-{case}-b{batch}-{'gc' if ckpt else 'nogc'}.txt"
+                    if case in profiled
+                    else None
+                )
+                _run(results, r, fit_case, config, args, str(model_dir), sources, batch, ckpt, opts, prof)
 
     env = environment()
     command = "python -m fff_lightning bench " + " ".join(argv)

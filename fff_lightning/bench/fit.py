@@ -57,6 +57,8 @@ def fit_case(
         f"--trainer.callbacks={json.dumps(callbacks)}",
         "--logs_dir",
         opts.logs,
+        "--model.base.max_memory_gib",  # checkpointing as asked, unless the case sets a cap (then the plan chooses)
+        "null",
         *extra,
     ]
     import torch
@@ -67,9 +69,16 @@ def fit_case(
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, ThroughputMonitor))
     phases = next(c for c in cli.trainer.callbacks if isinstance(c, Phases))
     from fff_lightning.adapters import count_parameters
+    from fff_lightning.backends import packed_attention
 
     trainable = count_parameters(cli.model.model)["trainable"]
     plan = getattr(cli.model, "memory_plan", None)
+    ran = loaded_words(cli.model.loaded_base, cli.model.plan.shape.num_hidden_layers)
+    if plan is not None:
+        ran = f"{ran} (memory plan)"
+    data = cli.datamodule.plan()
+    if data.packing and packed_attention.configured:
+        ran = f"{ran}; packed rows: {packed_attention.configured[0]}"
     del cli
     timed = monitor.records[opts.warmup : opts.steps]
     if len(timed) < opts.steps - opts.warmup:
@@ -85,10 +94,25 @@ def fit_case(
         "steps": len(timed),
         "extra": {
             **phases.report(),
+            "ran": ran,
+            "packed": bool(data.packing),
+            "step_tokens": data.step_tokens,
             "plan": plan.describe() if plan is not None else None,
             "predicted_gib": round(plan.peak_gib, 3) if plan is not None else None,
         },
     }
+
+
+def loaded_words(base, layers: int) -> str:
+    """What a run's model was loaded with (its :attr:`~fff_lightning.module.FFFModule.loaded_base`), in words."""
+    k = base.checkpoint_layers
+    if not base.gradient_checkpointing:
+        what = "checkpointing off"
+    elif k is None or k >= layers:
+        what = "checkpointing on"
+    else:
+        what = f"checkpointing on, first {k} of {layers} layers"
+    return what + (", FFF recomputed" if base.recompute_fff else "")
 
 
 class Phases(L.Callback):

@@ -67,19 +67,24 @@ def report(results: list[Result], opts, env: dict, shape, seq: int, command: str
         "counted) x tokens/s / bf16 peak.",
         "",
     ]
-    groups = sorted({(r.batch, r.checkpointing) for r in results}, key=lambda g: (-g[0], not g[1]))
-    for batch, ckpt in groups:
+    for batch, ckpt in _groups(results):
         rows = [r for r in results if r.batch == batch and r.checkpointing == ckpt]
         base = next((r for r in rows if r.case == "b" and not r.error), None)
+        planned = ckpt is None
+        how = "as the memory plan chose" if planned else ("on" if ckpt else "off")
         lines += [
-            f"## batch {batch} x {seq}, gradient checkpointing {'on' if ckpt else 'off'}",
+            f"## batch {batch} x {seq}, gradient checkpointing {how}",
             "",
-            "| case | what | trainable | tokens/s (median) | vs b | step s | peak GiB | MFU |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| case | what | ran | trainable | tokens/s (median) | vs b | step s | peak GiB |"
+            + (" predicted GiB |" if planned else "")
+            + " MFU |",
+            "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if planned else "") + "---:|",
         ]
         for r in rows:
+            ran = r.extra.get("ran", "checkpointing " + how)
             if r.error:
-                lines.append(f"| {r.case} | {r.what} | | failed: {r.error} | | | | |")
+                lines.append(f"| {r.case} | {r.what} | {ran} | | failed: {r.error} | | | |" + (" |" if planned else "")
+                             + " |")  # fmt: skip
                 continue
             vs = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else "-"
             mfu = (
@@ -87,13 +92,21 @@ def report(results: list[Result], opts, env: dict, shape, seq: int, command: str
                 if peak
                 else "-"
             )
+            predicted = r.extra.get("predicted_gib")
+            plan_cell = (f" {predicted:.2f} |" if predicted else " - |") if planned else ""
             lines.append(
-                f"| {r.case} | {r.what} | {r.trainable:,} | {r.tokens_per_s:,.0f} | {vs} | {r.step_s:.3f} "
-                f"| {r.peak_gib:.2f} | {mfu} |"
+                f"| {r.case} | {r.what} | {ran} | {r.trainable:,} | {r.tokens_per_s:,.0f} | {vs} | {r.step_s:.3f} "
+                f"| {r.peak_gib:.2f} |{plan_cell} {mfu} |"
             )
         lines.append("")
     lines += targets(results)
     return "\n".join(lines) + "\n"
+
+
+def _groups(results: list[Result]) -> list[tuple[int, bool | None]]:
+    """(batch, checkpointing) groups: larger batches first, then on, off, and the memory plan's rows."""
+    order = {True: 0, False: 1, None: 2}
+    return sorted({(r.batch, r.checkpointing) for r in results}, key=lambda g: (-g[0], order[g[1]]))
 
 
 def targets(results: list[Result]) -> list[str]:
@@ -104,39 +117,39 @@ def targets(results: list[Result]) -> list[str]:
             (r for r in results if (r.case, r.batch, r.checkpointing) == (case, batch, ckpt) and not r.error), None
         )
 
+    from fff_lightning.backends.memory_plan import FRAGMENTATION, HEADROOM_GIB
+
     out = ["## Targets", "", "| target | batch | checkpointing | measured | met |", "|---|---|---|---|---|"]
-    for batch, ckpt in sorted({(r.batch, r.checkpointing) for r in results}, key=lambda g: (-g[0], not g[1])):
-        b, c, d, e, f = (get(k, batch, ckpt) for k in "bcdef")
-        on = "on" if ckpt else "off"
+    for batch, ckpt in _groups(results):
+        on = {True: "on", False: "off", None: "memory plan"}[ckpt]
         checks = []
-        if b and c:
-            checks.append(
-                (
-                    "c >= 0.95 x b tokens/s",
-                    f"{c.tokens_per_s / b.tokens_per_s:.3f}x",
-                    c.tokens_per_s >= 0.95 * b.tokens_per_s,
-                )
-            )
-            checks.append(
-                ("c peak <= b peak + 0.5 GiB", f"{c.peak_gib - b.peak_gib:+.2f} GiB", c.peak_gib <= b.peak_gib + 0.5)
-            )
-        if b and d:
-            checks.append(
-                ("d >= 1.0 x b tokens/s", f"{d.tokens_per_s / b.tokens_per_s:.3f}x", d.tokens_per_s >= b.tokens_per_s)
-            )
-        if e and f:
-            checks.append(
-                (
-                    "e >= 0.95 x f tokens/s",
-                    f"{e.tokens_per_s / f.tokens_per_s:.3f}x",
-                    e.tokens_per_s >= 0.95 * f.tokens_per_s,
-                )
-            )
-        if e and batch == 3:
-            checks.append(("e peak <= 8 GiB", f"{e.peak_gib:.2f} GiB", e.peak_gib <= 8))
-        packed, full = get("e-mix-packed", batch, ckpt), e
-        if packed and full:
-            ratio = packed.tokens_per_s / full.tokens_per_s
-            checks.append(("packed mix >= 0.9 x e on full rows", f"{ratio:.3f}x", ratio >= 0.9))
+        if ckpt is not None:
+            b, c, d, e, f = (get(k, batch, ckpt) for k in "bcdef")
+            if b and c:
+                checks.append(("c >= 0.95 x b tokens/s", f"{c.tokens_per_s / b.tokens_per_s:.3f}x",
+                               c.tokens_per_s >= 0.95 * b.tokens_per_s))  # fmt: skip
+                checks.append(("c peak <= b peak + 0.5 GiB", f"{c.peak_gib - b.peak_gib:+.2f} GiB",
+                               c.peak_gib <= b.peak_gib + 0.5))  # fmt: skip
+            if b and d:
+                checks.append(("d >= 1.0 x b tokens/s", f"{d.tokens_per_s / b.tokens_per_s:.3f}x",
+                               d.tokens_per_s >= b.tokens_per_s))  # fmt: skip
+            if e and f:
+                checks.append(("e >= 0.95 x f tokens/s", f"{e.tokens_per_s / f.tokens_per_s:.3f}x",
+                               e.tokens_per_s >= 0.95 * f.tokens_per_s))  # fmt: skip
+            if e and batch == 3:
+                checks.append(("e peak <= 8 GiB", f"{e.peak_gib:.2f} GiB", e.peak_gib <= 8))
+            packed, full = get("e-mix-packed", batch, ckpt), e
+            if packed and full:
+                ratio = packed.tokens_per_s / full.tokens_per_s
+                checks.append(("packed mix >= 0.95 x e on full rows", f"{ratio:.3f}x", ratio >= 0.95))
+        for r in results:  # every planned row: its peak within the plan's margin
+            predicted = r.extra.get("predicted_gib")
+            if (r.batch, r.checkpointing) != (batch, ckpt) or r.error or not predicted:
+                continue
+            allowed = predicted * (1 + FRAGMENTATION) + HEADROOM_GIB
+            name = (f"{r.case}: peak within the plan's margin ({predicted:.2f} x {1 + FRAGMENTATION:.2f} + "
+                    f"{HEADROOM_GIB:.2f} = {allowed:.2f} GiB)")  # fmt: skip
+            measured = f"{r.peak_gib:.2f} GiB ({r.peak_gib / predicted - 1:+.1%})"
+            checks.append((name, measured, r.peak_gib <= allowed))
         out += [f"| {name} | {batch} | {on} | {value} | {'yes' if ok else 'NO'} |" for name, value, ok in checks]
     return [*out, ""]

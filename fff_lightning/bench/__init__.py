@@ -100,6 +100,8 @@ def _run(results: list[Result], r: Result, fn, *args) -> None:
     results.append(r)
     if _JSON_OUT:  # after every case, so a run cut short still leaves what it measured
         Path(_JSON_OUT[0]).write_text(json.dumps([x.__dict__ for x in results], indent=2, default=str))
+    for write in _REPORT_OUT:  # the Markdown report too
+        write(results)
     shown = "FAILED " + r.error if r.error else f"{r.tokens_per_s:,.0f} tokens/s, peak {r.peak_gib:.2f} GiB"
     ran = r.extra.get("ran") or checkpointing_words(r.checkpointing)
     print(f"[bench] {r.case} batch {r.batch}, {ran}: {shown}", flush=True)
@@ -115,6 +117,7 @@ def planned(args: list[str]) -> bool:
 
 
 _JSON_OUT: list[str] = []
+_REPORT_OUT: list = []  # writes the Markdown report of the results so far
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -234,6 +237,10 @@ def main(argv: list[str]) -> None:
     shape = (BaseModelConfig() if opts.cuda else BaseModelConfig(backend="tiny")).shape()
     d_args = _fff_only_width_args(opts.cuda)
     results: list[Result] = []
+    env = environment()
+    command = "python -m fff_lightning bench " + " ".join(argv)
+    if opts.out:
+        _REPORT_OUT[:] = [lambda done: Path(opts.out).write_text(report(done, opts, env, shape, seq, command))]
     print(f"[bench] {len(cases)} cases x batch {batches} x checkpointing {ckpts}, {opts.steps} steps each", flush=True)
 
     # Bare loops first, one model load each, reused over batch sizes and checkpointing.
@@ -292,8 +299,6 @@ def main(argv: list[str]) -> None:
                 )
                 _run(results, r, fit_case, config, args, str(model_dir), sources, batch, ckpt, opts, prof)
 
-    env = environment()
-    command = "python -m fff_lightning bench " + " ".join(argv)
     text = report(results, opts, env, shape, seq, command)
     print(text)
     if opts.out:

@@ -208,6 +208,9 @@ def test_packed_rows_attended_per_document_need_more_and_one_call_rows_none(layo
         kept = 32 - k  # layers that keep their activations hold the term; the checkpointed one rebuilding holds it
         assert extra == pytest.approx(mp.UNSLOTH.segments * 2 * 4096 * STEP * max(kept, 1), rel=0.01)
     assert mp.choose(per_doc, STEP, 23.0).checkpointed > mp.choose(lay, STEP, 23.0).checkpointed
+    # The one GPU cell of it (issue 31, an H100): step 2 packed in rows of 6,144, no checkpointing, per document
+    assert mp.peak_bytes(lay, STEP, 0, False, mp.UNSLOTH) / mp.GIB == pytest.approx(35.40, abs=0.01)
+    assert mp.peak_bytes(per_doc, STEP, 0, False, mp.UNSLOTH) / mp.GIB == pytest.approx(38.66, rel=0.01)
 
 
 def test_a_packed_fit_plans_for_the_attention_it_will_run(monkeypatch, capsys):

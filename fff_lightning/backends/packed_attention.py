@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "segments")
-_ORIGINAL: dict = {}  # Unsloth's own choices, kept the first time they are changed
+_ORIGINAL = "_fff_lightning_original"  # Unsloth's own choices, kept on its module the first time they change
 #: What the last :func:`configure` set, in words (the bench records it beside a packed case).
 configured: list[str] = []
 
@@ -95,10 +95,9 @@ def _configure(mode: str, dispatch, flash_ok: bool | None) -> str:
     names = ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN")
     if not all(hasattr(dispatch, n) for n in names):  # another Unsloth: its own choice, untouched
         return "Unsloth's own choice (this Unsloth has no _TORCH_VARLEN_ATTN)"
-    key = id(dispatch)
-    if key not in _ORIGINAL:
-        _ORIGINAL[key] = {n: getattr(dispatch, n) for n in names}
-    for n, v in _ORIGINAL[key].items():  # each run starts from Unsloth's own choice
+    if not hasattr(dispatch, _ORIGINAL):
+        setattr(dispatch, _ORIGINAL, {n: getattr(dispatch, n) for n in names})
+    for n, v in getattr(dispatch, _ORIGINAL).items():  # each run starts from Unsloth's own choice
         setattr(dispatch, n, v)
     if mode == "segments":
         dispatch._TORCH_VARLEN_ATTN = None

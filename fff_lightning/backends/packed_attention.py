@@ -20,14 +20,9 @@ choice) or ``segments`` (Unsloth's per-document calls, whatever is installed: to
 
 from __future__ import annotations
 
-import inspect
-import logging
 
 import torch
 
-log = logging.getLogger(__name__)
-
-MODES = ("auto", "segments")
 _ORIGINAL = "_fff_lightning_original"  # Unsloth's own choices, kept on its module the first time they change
 #: What the last :func:`configure` set, in words (the bench records it beside a packed case).
 configured: list[str] = []
@@ -60,7 +55,10 @@ class FlashVarlen(torch.autograd.Function):
 
 
 def flash_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-    """torch 2.12's ``varlen_attn`` signature (what Unsloth calls), for one packed row's self-attention."""
+    """torch 2.12's ``varlen_attn`` signature (what Unsloth calls), for one packed row's self-attention (the keys'
+    segments are the queries')."""
+    if (cu_seq_k is not None and cu_seq_k is not cu_seq_q) or max_k != max_q:
+        raise NotImplementedError("flash_varlen attends a packed row to itself: cu_seq_k must be cu_seq_q")
     left, right = window_size
     return FlashVarlen.apply(q, k, v, cu_seq_q, max_q, tuple(window_size) == (-1, 0), scale, left, right)
 
@@ -75,12 +73,6 @@ def flash_kernel_available(device: torch.device | None = None) -> bool:
         return False
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index)[0] >= 8
-
-
-def takes_gqa(varlen_attn) -> bool:
-    """Whether torch's own ``varlen_attn`` has the arguments Unsloth asks for (``window_size``, ``enable_gqa``)."""
-    params = inspect.signature(varlen_attn).parameters
-    return "window_size" in params and "enable_gqa" in params
 
 
 def configure(mode: str, dispatch, flash_ok: bool | None = None) -> str:

@@ -20,7 +20,6 @@ choice) or ``segments`` (Unsloth's per-document calls, whatever is installed: to
 
 from __future__ import annotations
 
-
 import torch
 
 _ORIGINAL = "_fff_lightning_original"  # Unsloth's own choices, kept on its module the first time they change

@@ -593,9 +593,7 @@ _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate
 def base_identity(plan: RunPlan) -> dict:
     """The base model a run trains on, as its checkpoints record it: its name (a hub id, or a folder or file by its
     absolute path, so ``./models/x`` given from another folder is the same model) and shape."""
-    name = backends.get(plan.base.backend).model_name(plan.base)
-    if isinstance(name, str) and Path(name).exists():
-        name = str(Path(name).resolve())
+    name = backends.get(plan.base.backend).identity(plan.base)
     return {"name": name, "shape": {k: getattr(plan.shape, k, None) for k in _SHAPE_FIELDS}}
 
 

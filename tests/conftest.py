@@ -50,21 +50,7 @@ def tokens():
     return torch.randint(3, 32000, (2, 12), generator=g)
 
 
-# The longest tests (20-85 s each on 2 cores), started first: two xdist workers then finish together instead of
-# one running a long test alone at the end (every worker reorders the same way, as xdist requires).
-LONGEST_FIRST = (
-    "tests/test_seeds.py::test_a_seeds_sweep_finds_a_planted_difference_and_reruns_only_what_is_unfinished",
-    "tests/test_real_model.py::test_a_gguf_file_given_by_path_trains_from_pretrained_losses_and_answers",
-    "tests/test_hub.py::test_step2_trains_offline_from_the_hub_cache_and_a_missing_shard_is_one_line",
-    "tests/test_sweep_report.py::test_a_2x2_sweep_runs_records_failures_skips_finished_runs_and_reports",
-    "tests/test_training.py::test_fit_then_validate_end_to_end_through_the_real_cli",
-    "tests/test_startup.py::test_a_cached_start_of_20000_samples_reads_no_raw_data_and_tokenizes_nothing",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {nodeid: i for i, nodeid in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

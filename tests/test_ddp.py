@@ -181,7 +181,7 @@ def test_validate_on_two_processes_equals_one(one, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_two_process_run_resumes_exactly(two, tmp_path):
+def test_an_interrupted_two_process_run_resumes_exactly(two, tmp_path, capsys):
     # Only the first process gets the signal (a `kill` of the launching process): both stop at the same step, the
     # one after the signal's (the flag is shared a step late, so no process waits for its device).
     fault = json.dumps({"class_path": "faults.SignalAtStep", "init_args": {"step": 3, "signum": "SIGTERM", "rank": 0}})
@@ -194,7 +194,7 @@ def test_an_interrupted_two_process_run_resumes_exactly(two, tmp_path):
     # Resuming on another number of processes would point at other samples: refused before anything loads.
     with pytest.raises(SystemExit) as e:
         main(args(tmp_path, "--run_name", run.name, "--ckpt_path", str(ckpt), batch=4))
-    assert e.value.code == 2
+    assert e.value.code == 2 and "trainer.devices" in capsys.readouterr().err
     resumed = two_processes(tmp_path, "--run_name", run.name, "--ckpt_path", str(ckpt))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref_logs, _ = two

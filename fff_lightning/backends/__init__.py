@@ -86,6 +86,14 @@ class Backend:
         """The base model as an adapter folder records it."""
         return base.name_or_path
 
+    def identity(self, base) -> str:
+        """The base model as checkpoints record it: a hub id, or a local folder or file by its absolute path (so
+        ``./models/x`` given from another folder is the same model)."""
+        name = self.model_name(base)
+        if isinstance(name, str) and Path(name).exists():
+            name = str(Path(name).resolve())
+        return name
+
     def hub_model(self, base) -> str | None:
         """The hub repository whose files :meth:`load` reads (what ``download`` fetches), or ``None``."""
         from fff_lightning import model_source

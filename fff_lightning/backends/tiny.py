@@ -49,6 +49,11 @@ def tiny_model_dir(base) -> Path:
             torch.manual_seed(tiny.seed)
             model = MistralForCausalLM(tiny_shape(tiny))
         model.save_pretrained(folder)
+        if not (folder / "config.json").is_file():  # transformers writes on torch.distributed's rank 0 only
+            from safetensors.torch import save_model
+
+            model.config.save_pretrained(folder)
+            save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
         save_tokenizer(load_tokenizer(None), folder)
 
     return write_atomically(cache_dir() / f"tiny-mistral-{key}", build)
@@ -65,6 +70,9 @@ class Tiny(HF):
 
     def model_name(self, base) -> str:
         return "tiny"
+
+    def identity(self, base) -> str:
+        return "tiny"  # not a path, whatever folder of that name the working directory holds
 
     def hub_model(self, base) -> str | None:
         return None  # built on this machine

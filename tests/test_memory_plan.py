@@ -3,6 +3,7 @@ a slower plan, the model of the peak against the GPU cells it was fitted to, ``b
 ``fit`` running the plan it printed (CUDA faked: CI has no GPU; docs/benchmarks.md has the GPU runs)."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -201,7 +202,7 @@ def test_packed_rows_attended_per_document_need_more_and_one_call_rows_none(layo
     """Packed rows that attend one SDPA call per document keep the documents' joined outputs and expanded K/V in
     every layer that keeps its activations; one varlen call per row keeps what full rows keep."""
     lay = layouts["step2"]
-    per_doc = mp.Layout(**{**lay.__dict__, "packed_segments": True})
+    per_doc = replace(lay, packed_segments=True)
     for k in (0, 12, 31):
         full = mp.peak_bytes(lay, STEP, k, True, mp.UNSLOTH)
         extra = mp.peak_bytes(per_doc, STEP, k, True, mp.UNSLOTH) - full

@@ -123,7 +123,13 @@ class Plan:
 
     def needs_gib(self) -> float:
         """The smallest cap this plan fits."""
-        return self.peak_gib * (1 + FRAGMENTATION) + HEADROOM_GIB
+        return with_margin(self.peak_gib)
+
+
+def with_margin(peak_gib: float) -> float:
+    """A predicted peak with the plan's margin: the smallest cap a plan of that peak fits, and the most a run
+    planned for it may measure."""
+    return peak_gib * (1 + FRAGMENTATION) + HEADROOM_GIB
 
 
 class NoPlanFits(Exception):

@@ -117,7 +117,7 @@ def targets(results: list[Result]) -> list[str]:
             (r for r in results if (r.case, r.batch, r.checkpointing) == (case, batch, ckpt) and not r.error), None
         )
 
-    from fff_lightning.backends.memory_plan import FRAGMENTATION, HEADROOM_GIB
+    from fff_lightning.backends.memory_plan import FRAGMENTATION, HEADROOM_GIB, with_margin
 
     out = ["## Targets", "", "| target | batch | checkpointing | measured | met |", "|---|---|---|---|---|"]
     for batch, ckpt in _groups(results):
@@ -146,7 +146,7 @@ def targets(results: list[Result]) -> list[str]:
             predicted = r.extra.get("predicted_gib")
             if (r.batch, r.checkpointing) != (batch, ckpt) or r.error or not predicted:
                 continue
-            allowed = predicted * (1 + FRAGMENTATION) + HEADROOM_GIB
+            allowed = with_margin(predicted)
             name = (f"{r.case}: peak within the plan's margin ({predicted:.2f} x {1 + FRAGMENTATION:.2f} + "
                     f"{HEADROOM_GIB:.2f} = {allowed:.2f} GiB)")  # fmt: skip
             measured = f"{r.peak_gib:.2f} GiB ({r.peak_gib / predicted - 1:+.1%})"
